@@ -1,0 +1,33 @@
+"""Shared fixtures: paths to the real data in ../shared (read-only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TAXONOMIST_SHARED", REPO.parent / "shared")).resolve()
+DATA = SHARED / "data"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (set TAXONOMIST_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _need(DATA)
+
+
+@pytest.fixture(scope="session")
+def plankton_dir() -> Path:
+    return _need(DATA / "plankton")
+
+
+@pytest.fixture(scope="session")
+def taxonomies_dir() -> Path:
+    return _need(DATA / "taxonomies")
