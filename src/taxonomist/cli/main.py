@@ -9,7 +9,7 @@ import sys
 from ..errors import USER_ERRORS
 
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
-COMMAND_MODULES = ["taxonomy_cmd"]
+COMMAND_MODULES = ["demo_cmd", "train_cmd", "evaluate_cmd", "predict_cmd", "taxonomy_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

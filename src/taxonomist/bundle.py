@@ -1,0 +1,163 @@
+"""A trained model as one self-describing folder: weights, config, taxonomy, preprocessing.
+
+``evaluate`` and ``predict`` load a bundle without the original config file::
+
+    bundle/
+      bundle.json      format version, backbone spec + weights key, head/neck config,
+                       taxonomy fingerprint, label names, decision defaults, calibration
+      model.pt         state dict (neck + head; the backbone too when it was trained)
+      taxonomy.json    the training taxonomy (taxonomist's JSON format)
+      preprocess.json  image size, resize mode, normalisation
+      config.yaml      the resolved training config (for the record)
+
+A frozen packaged backbone (the offline default) is not copied into the bundle;
+its weights key is stored and checked when the bundle is loaded, so a bundle
+never silently runs on other weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Preprocess
+from .errors import DataError
+from .utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+
+BUNDLE_FORMAT = "taxonomist-bundle"
+BUNDLE_VERSION = 1
+
+
+def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module, taxonomy, preprocess: Preprocess,
+                  config, extra: dict[str, Any] | None = None) -> Path:
+    """Write a bundle folder (each file atomically; bundle.json last, so a bundle is complete when it exists)."""
+    from .taxonomy import save as save_taxonomy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bb = config.model.backbone
+    state = model.state_dict()
+    includes_backbone = getattr(model, "backbone", None) is not None
+    atomic_torch_save(out / "model.pt", state)
+    save_taxonomy(taxonomy, out / "taxonomy.json")
+    atomic_write_json(out / "preprocess.json", preprocess.to_json())
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+    meta = {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+        "backbone": {"name": bb.name, "pretrained": bb.pretrained, "trainable": bb.trainable,
+                     "cache_key": backbone.cache_key, "num_features": backbone.num_features,
+                     "in_model_state": includes_backbone},
+        "neck": config.model.neck.model_dump(), "head": config.model.head.model_dump(),
+        "taxonomy_fingerprint": taxonomy.fingerprint, "labels": taxonomy.label_names,
+        "ranks": config.ranks, "calibration": {}, **(extra or {}),
+    }
+    atomic_write_json(out / "bundle.json", meta)
+    return out
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: nn.Module
+    taxonomy: Any
+    preprocess: Preprocess
+    meta: dict[str, Any]
+    device: torch.device
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    @property
+    def ranks(self) -> list[str] | None:
+        return self.meta.get("ranks")
+
+    @torch.no_grad()
+    def label_probs(self, table, *, cache_dir: Path | None = None, batch_size: int = 64, num_workers: int = 0,
+                    progress: bool = True) -> np.ndarray:
+        """Probabilities over label nodes for every row of a SampleTable.
+
+        A frozen backbone goes through the feature cache (so evaluating the
+        training run's validation set costs nothing). Each image's result is
+        independent of the rest of its batch (eval mode, frozen statistics).
+        """
+        from .data import ImageDataset, build_transform, extract_features
+
+        self.model.eval()
+        temperature = float(self.calibration.get("temperature", 1.0))
+        outs = []
+        if not self.meta["backbone"]["trainable"] and cache_dir is not None:
+            feats = extract_features(self.model.backbone, self.model.backbone.cache_key, table, self.preprocess,
+                                     cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+                                     device=self.device, progress=progress)
+            feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+            for lo in range(0, len(feats), 1024):
+                o = self.model(features=feats[lo:lo + 1024].to(self.device))
+                outs.append(self._probs(o, temperature))
+        else:
+            ds = ImageDataset(table, build_transform(self.preprocess, train=False))
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+            for images, _, _ in loader:
+                o = self.model(images=images.to(self.device))
+                outs.append(self._probs(o, temperature))
+        if not outs:
+            return np.zeros((0, self.taxonomy.n_labels), dtype=np.float64)
+        return np.concatenate(outs).astype(np.float64)
+
+    def _probs(self, outputs: dict[str, torch.Tensor], temperature: float) -> np.ndarray:
+        logp = self.model.label_log_probs(outputs).float()
+        if temperature != 1.0:
+            logp = torch.log_softmax(logp / temperature, dim=-1)
+        return logp.exp().cpu().numpy()
+
+    def save_calibration(self, calibration: dict[str, Any]) -> None:
+        """Store temperature / thresholds in bundle.json (atomically)."""
+        self.calibration = dict(calibration)
+        self.meta["calibration"] = self.calibration
+        atomic_write_json(self.path / "bundle.json", self.meta)
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    from .models import create_backbone, create_model
+    from .taxonomy import load as load_taxonomy
+
+    path = Path(path)
+    meta_path = path / "bundle.json"
+    if not meta_path.exists():
+        hint = " (a run folder? its bundle is in the 'bundle' sub-folder)" if (path / "bundle").is_dir() else ""
+        raise DataError(f"{path} is not a taxonomist bundle: {meta_path.name} is missing{hint}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != BUNDLE_FORMAT or meta.get("version", 0) > BUNDLE_VERSION:
+        raise DataError(f"{meta_path}: unsupported bundle format {meta.get('format')!r} v{meta.get('version')}; "
+                        f"this taxonomist reads {BUNDLE_FORMAT} v{BUNDLE_VERSION}")
+    taxonomy = load_taxonomy(path / "taxonomy.json")
+    if taxonomy.fingerprint != meta["taxonomy_fingerprint"]:
+        raise DataError(f"{path}: taxonomy.json does not match the bundle (fingerprint "
+                        f"{taxonomy.fingerprint} vs {meta['taxonomy_fingerprint']}); the bundle was modified")
+    preprocess = Preprocess.from_json(json.loads((path / "preprocess.json").read_text()))
+    bb = meta["backbone"]
+    backbone = create_backbone(bb["name"], pretrained=bb["pretrained"] if not bb["in_model_state"] else False,
+                               trainable=False)
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if bb["in_model_state"]:
+        model = create_model(taxonomy, backbone=backbone, in_features=bb["num_features"], neck=meta["neck"],
+                             head=meta["head"])
+        model.load_state_dict(state)
+    else:
+        if backbone.cache_key != bb["cache_key"]:
+            raise DataError(f"{path}: the backbone weights installed here ({backbone.cache_key}) differ from the "
+                            f"ones the bundle was trained with ({bb['cache_key']}); install the same weights package")
+        model = create_model(taxonomy, backbone=None, in_features=bb["num_features"], neck=meta["neck"],
+                             head=meta["head"])
+        model.load_state_dict(state)
+        model.backbone = backbone
+    dev = torch.device(device)
+    model.to(dev).eval()
+    return Bundle(path, model, taxonomy, preprocess, meta, dev, dict(meta.get("calibration") or {}))

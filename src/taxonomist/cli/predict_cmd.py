@@ -1,0 +1,61 @@
+"""`taxonomist predict BUNDLE IMAGES_OR_DIR_OR_CSV [--threshold 0.8] [--output preds.csv]`"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .evaluate_cmd import add_runtime_args, cache_dir_for, resolve_bundle
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict images; backs off to a higher rank when unsure",
+                       description="Predict one node per image. With --decision threshold (default) the answer "
+                                   "backs off up the tree to the deepest node whose summed probability reaches "
+                                   "the threshold.")
+    p.add_argument("bundle")
+    p.add_argument("inputs", nargs="+", help="image files, a folder of images (sub-folders = labels) or a CSV/COCO table")
+    p.add_argument("--decision", choices=["argmax", "threshold", "crm", "darts"], default="threshold")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="back-off threshold (default: the bundle's calibrated or training value)")
+    p.add_argument("--rank-thresholds", default=None,
+                   help="per-rank thresholds as JSON, e.g. '{\"species\":0.55,\"genus\":0.6}'")
+    p.add_argument("--crm-metric", choices=["path", "lca_height", "rank_steps"], default="path")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--output", "-o", default=None, help="preds.csv, preds.tsv or preds.json (default: print)")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def decision_options(args: argparse.Namespace, bundle) -> dict:
+    if args.decision == "threshold":
+        if args.rank_thresholds:
+            return {"threshold": json.loads(args.rank_thresholds)}
+        cal = bundle.calibration.get("thresholds")
+        if args.threshold is None and cal is not None:
+            return {"threshold": cal}
+        return {"threshold": args.threshold if args.threshold is not None else bundle.meta.get("threshold", 0.8)}
+    if args.decision == "crm":
+        return {"metric": args.crm_metric}
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bundle import load_bundle
+    from ..data import load_images
+    from ..predict import prediction_rows, write_predictions
+
+    bundle = load_bundle(resolve_bundle(args.bundle), device=args.device)
+    table = load_images(args.inputs, bundle.taxonomy)
+    probs = bundle.label_probs(table, cache_dir=cache_dir_for(args), batch_size=args.batch_size,
+                               num_workers=args.num_workers, progress=not args.no_progress)
+    rows = prediction_rows(bundle.taxonomy, table, probs, method=args.decision, top_k=args.top_k,
+                           **decision_options(args, bundle))
+    if args.output:
+        out = write_predictions(rows, args.output)
+        print(f"{len(rows)} predictions written to {out}")
+    else:
+        for r in rows:
+            print(f"{Path(r['image']).name}\t{r['prediction']}\t{r['probability']:.3f}\t{r['how']}")
+    return 0

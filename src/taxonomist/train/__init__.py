@@ -1,0 +1,1 @@
+"""Training: validated config, data set-up, the loop, checkpoints and auto-resume."""

@@ -1,0 +1,242 @@
+"""The validated training configuration (pydantic + YAML).
+
+Every key is documented in docs/config.md. Unknown keys and bad values are
+errors that name the key and the allowed values. ``key=value`` overrides on the
+command line use dotted paths (``train.epochs=5``, ``model.head.name=per_rank``)
+and YAML syntax for values (``train.lr=3e-4``, ``model.neck.hidden=[512,256]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaxonomyConfig(_Strict):
+    path: str | None = Field(None, description="Tree file (any format `taxonomist taxonomy` reads). "
+                                               "None: use the folder names of the training data as a flat tree.")
+    format: str | None = Field(None, description="Force the tree file format instead of auto-detection.")
+    label_nodes: Literal["observed", "leaves", "file"] = Field(
+        "observed", description="Which nodes the model predicts over: every node that has training samples "
+                                "('observed', NDSB semantics: an internal class means 'this node, not further "
+                                "resolved'), only leaves ('leaves': samples at internal nodes are partial labels), "
+                                "or the label nodes the tree file defines ('file').")
+    restrict_to_observed: bool = Field(True, description="Drop tree branches with no training sample.")
+
+
+class SplitConfig(_Strict):
+    val: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out for validation when data.val is not given.")
+    test: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction held out for testing when data.test is not given.")
+    seed: int = Field(0, description="Seed of the stratified split.")
+
+
+class DataConfig(_Strict):
+    train: str = Field(..., description="Training data: image folder (root/<label>/*.jpg), CSV/TSV table or COCO JSON.")
+    val: str | None = Field(None, description="Validation data (same kinds). None: split from train (data.split).")
+    test: str | None = Field(None, description="Test data (same kinds); None: split from train when data.split.test > 0.")
+    image_root: str | None = Field(None, description="Folder that relative image paths in a CSV/COCO file start from.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Bad rows/images: stop with a report, or skip "
+                                                                     "them and print the report.")
+    verify_images: Literal["header", "decode", "none"] = Field(
+        "header", description="Check images before training: open headers (fast), fully decode, or not at all.")
+    split: SplitConfig = SplitConfig()
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class BackboneConfig(_Strict):
+    name: str = Field("efficientnet_lite0", description="'efficientnet_lite0' (offline ImageNet weights) or any timm model name.")
+    pretrained: bool | str = Field(True, description="True: packaged weights (efficientnet_lite0 only); a path: local "
+                                                     "weights file; False: random init.")
+    trainable: bool = Field(False, description="Fine-tune the backbone. False: frozen, features cached on disk.")
+    image_size: int | None = Field(None, ge=16, description="Input size in pixels; None: the backbone's default.")
+
+
+class NeckConfig(_Strict):
+    hidden: list[int] = Field(default_factory=lambda: [512], description="Widths of the embedding MLP ([] = none).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    norm: Literal["none", "layer", "batch"] = Field("layer", description="Normalisation of the input features.")
+
+
+class HeadConfig(_Strict):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("flat", description="A registered head (`taxonomist list heads`).")
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = BackboneConfig()
+    neck: NeckConfig = NeckConfig()
+    head: HeadConfig = HeadConfig()
+
+
+class LossConfig(_Strict):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("ce", description="A registered loss (`taxonomist list losses`).")
+    task_weights: dict[str, float] = Field(default_factory=dict, description="Static weight per task name (default 1).")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="Mixed precision: 'auto' uses bf16 on "
+                                                                           "CUDA devices that support it, off on CPU.")
+    compile: bool = Field(False, description="torch.compile the trainable part (CUDA only; ignored on CPU with a note).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    augment: bool = Field(False, description="Random flips/rotations (trainable backbone only; cached features are not augmented).")
+    feature_batch_size: int = Field(64, ge=1, description="Batch size for feature extraction.")
+    cache_dir: str | None = Field(None, description="Feature cache folder; None: $TAXONOMIST_CACHE or ~/.cache/taxonomist.")
+    progress: bool = True
+
+
+class CheckpointConfig(_Strict):
+    keep: int = Field(2, ge=1, description="How many epoch checkpoints to keep besides last and best.")
+    best_metric: str = Field("top1_error", description="Validation metric that picks the best checkpoint "
+                                                        "(any metrics.json key).")
+    best_mode: Literal["min", "max"] = "min"
+    every: int = Field(1, ge=1, description="Save an epoch checkpoint every N epochs (last.pt is written every epoch).")
+
+
+class PredictConfig(_Strict):
+    threshold: float = Field(0.8, gt=0, le=1, description="Back-off threshold used by the demo and as the bundle default.")
+    top_k: int = Field(5, ge=1)
+
+
+class Config(_Strict):
+    name: str = Field("run", description="Run name (folder under output_dir).")
+    output_dir: str = Field("runs", description="Where run folders are created.")
+    seed: int = Field(0, description="Seeds Python, numpy and torch; shuffling uses seed and epoch.")
+    taxonomy: TaxonomyConfig = TaxonomyConfig()
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    predict: PredictConfig = PredictConfig()
+    ranks: list[str] | None = Field(None, description="Ranks for per-rank metrics and rank-step distance; None: "
+                                                       "every rank of the tree (or depth levels when unranked).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------ loading
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent_loc = err["loc"][:-1]
+            allowed = _allowed_keys(parent_loc)
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    lines.append("See docs/config.md for every key and its allowed values.")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate.
+
+    Relative data/taxonomy paths in the file are resolved against the file's folder.
+    """
+    data: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data.update(_resolve_paths(loaded, path.parent))
+        source = str(path)
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+_PATH_KEYS = {("taxonomy", "path"), ("data", "train"), ("data", "val"), ("data", "test"), ("data", "image_root")}
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    for section, key in _PATH_KEYS:
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            if not p.is_absolute() and not sec[key].startswith("package:"):
+                sec[key] = str((base / p).resolve())
+    return data
