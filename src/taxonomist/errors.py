@@ -4,6 +4,7 @@ names the file, row or key at fault and says how to fix it."""
 from __future__ import annotations
 
 from .taxonomy.errors import TaxonomyError
+from .taxonomy.io import MissingDependencyError
 
 
 class TaxonomistError(ValueError):
@@ -26,4 +27,4 @@ class MissingExtraError(ImportError):
                          f"pip install 'taxonomist[{extra}]'  (or: pip install {package})")
 
 
-USER_ERRORS = (TaxonomistError, TaxonomyError, MissingExtraError, FileNotFoundError)
+USER_ERRORS = (TaxonomistError, TaxonomyError, MissingExtraError, MissingDependencyError, FileNotFoundError)

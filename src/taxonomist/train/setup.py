@@ -48,9 +48,13 @@ def load_user_taxonomy(cfg: Config) -> Taxonomy:
                       "built from its sub-folder names)")
 
 
-def _load_table(source: str, tax: Taxonomy, cfg: Config) -> SampleTable:
-    return load_samples(source, tax, image_root=cfg.data.image_root, on_error=cfg.data.on_error,
-                        verify_images=cfg.data.verify_images)
+def _load_table(source: str, tax: Taxonomy, cfg: Config, notes: list[str]) -> SampleTable:
+    table = load_samples(source, tax, image_root=cfg.data.image_root, on_error=cfg.data.on_error,
+                         verify_images=cfg.data.verify_images)
+    report = getattr(table, "report", None)
+    if report is not None and (not report.ok or report.notes):
+        notes.append(f"{source}:\n{report}")
+    return table
 
 
 def nearest_kept_ancestor(tax: Taxonomy, old_to_new: np.ndarray, nodes: np.ndarray) -> np.ndarray:
@@ -72,9 +76,9 @@ def nearest_kept_ancestor(tax: Taxonomy, old_to_new: np.ndarray, nodes: np.ndarr
 def prepare_data(cfg: Config) -> PreparedData:
     full = load_user_taxonomy(cfg)
     notes: list[str] = []
-    train = _load_table(cfg.data.train, full, cfg)
-    val = _load_table(cfg.data.val, full, cfg) if cfg.data.val else None
-    test = _load_table(cfg.data.test, full, cfg) if cfg.data.test else None
+    train = _load_table(cfg.data.train, full, cfg, notes)
+    val = _load_table(cfg.data.val, full, cfg, notes) if cfg.data.val else None
+    test = _load_table(cfg.data.test, full, cfg, notes) if cfg.data.test else None
     if val is None and (cfg.data.split.val > 0 or cfg.data.split.test > 0):
         split = split_samples(train, val=cfg.data.split.val, test=cfg.data.split.test, seed=cfg.data.split.seed)
         train, val = split.subset("train"), split.subset("val")
