@@ -31,3 +31,12 @@ def plankton_dir() -> Path:
 @pytest.fixture(scope="session")
 def taxonomies_dir() -> Path:
     return _need(DATA / "taxonomies")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist every worker gets one torch thread: two workers x two threads on a
+    2-core machine oversubscribe the CPU and make small-tensor steps ~20x slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
