@@ -39,8 +39,6 @@ from .errors import AmbiguousNameError, TaxonomyError, UnknownNameError
 DistanceMetric = Literal["path", "lca_height", "rank_steps"]
 DISTANCE_METRICS: tuple[str, ...] = ("path", "lca_height", "rank_steps")
 
-_ROOT_NAME = "root"
-
 
 # --------------------------------------------------------------- input helpers
 def _is_missing(value: object) -> bool:
@@ -78,11 +76,6 @@ def _to_str_array(values: Iterable[object] | None, n: int, default: str, what: s
         missing = np.fromiter(map(_is_missing, vals), dtype=bool, count=n)
         out[missing] = ""
     return out
-
-
-# kept for importers written against the first version of this module
-def _as_object_array(values: Iterable[object] | None, n: int, default: str) -> np.ndarray:
-    return _to_str_array(values, n, default)
 
 
 def _dense_rank(values: np.ndarray) -> np.ndarray:
