@@ -508,3 +508,23 @@ def test_lite0_channels_last_matches_plain_layout(lite0):
     with torch.no_grad():
         plain = lite0.body.net.extract_features(x.contiguous()).mean(dim=(2, 3))
         torch.testing.assert_close(lite0(x), plain, atol=1e-4, rtol=1e-4)
+
+
+def test_lite0_multiscale_adds_stage_features_to_the_same_head(plankton_dir):
+    """multiscale = pooled stage outputs + the unchanged 1280-d head, from one forward pass."""
+    from PIL import Image
+
+    imgs = sorted((plankton_dir / "train" / "copepod_calanoid").glob("*.jpg"))[:2]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((96, 96)), dtype=np.float32)
+                     ).permute(2, 0, 1) / 255.0 for p in imgs])
+    x = (x - 127 / 255) / (128 / 255)
+    plain = create_backbone("efficientnet_lite0", image_size=96)
+    multi = create_backbone("efficientnet_lite0", image_size=96, multiscale=True)
+    assert multi.num_features == 1984 and multi.weights_key != plain.weights_key
+    with torch.no_grad():
+        a, b = plain(x), multi(x)
+    assert b.shape == (2, 1984)
+    torch.testing.assert_close(b[:, -1280:], a, rtol=1e-4, atol=1e-4)
+    assert (b[:, :704].abs().sum(dim=1) > 0).all()
+    with pytest.raises(ConfigError, match="multiscale"):
+        create_backbone("resnet18", pretrained=False, multiscale=True)

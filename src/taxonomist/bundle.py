@@ -51,6 +51,7 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module,
     meta = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "trainable": bb.trainable,
+                     "multiscale": bb.multiscale,
                      "weights_key": backbone.weights_key, "num_features": backbone.num_features,
                      "in_model_state": includes_backbone},
         "neck": config.model.neck.model_dump(), "head": config.model.head.model_dump(),
@@ -79,19 +80,26 @@ class Bundle:
     def ranks(self) -> list[str] | None:
         return self.meta.get("ranks")
 
+    @property
+    def temperature(self) -> float:
+        """The calibrated softmax temperature (1.0 when the bundle is not calibrated)."""
+        return float(self.calibration.get("temperature") or 1.0)
+
     @torch.no_grad()
     def label_probs(self, table, *, cache_dir: Path | None = None, batch_size: int = 64, num_workers: int = 0,
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True, calibrated: bool = True) -> np.ndarray:
         """Probabilities over label nodes for every row of a SampleTable.
 
         A frozen backbone goes through the feature cache (so evaluating the
         training run's validation set costs nothing). Each image's result is
         independent of the rest of its batch (eval mode, frozen statistics).
+        ``calibrated``: apply the calibrated temperature (``taxonomist calibrate``);
+        ``False`` gives the model's raw probabilities (what calibration is fitted on).
         """
         from .data import ImageDataset, build_transform, extract_features
 
         self.model.eval()
-        temperature = float(self.calibration.get("temperature", 1.0))
+        temperature = self.temperature if calibrated else 1.0
         outs = []
         if not self.meta["backbone"]["trainable"] and cache_dir is not None:
             feats = extract_features(self.model.backbone, self.model.backbone.cache_key, table, self.preprocess,
@@ -118,7 +126,17 @@ class Bundle:
         return logp.exp().cpu().numpy()
 
     def save_calibration(self, calibration: dict[str, Any]) -> None:
-        """Store temperature / thresholds in bundle.json (atomically)."""
+        """Store the calibration in bundle.json (atomically) and use it from now on.
+
+        Keys read back: ``temperature`` (applied by :meth:`label_probs`),
+        ``thresholds`` (a float or ``{rank: float | None}``, the default of the
+        threshold decision in ``taxonomist predict``) and ``darts_lambda`` (the
+        default of ``--decision darts``); the rest is provenance (target accuracy,
+        number of samples, ECE before/after). ``{}`` removes the calibration.
+        """
+        temperature = calibration.get("temperature")
+        if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < float(temperature) < 1e6):
+            raise DataError(f"calibration temperature must be a positive number, got {temperature!r}")
         self.calibration = dict(calibration)
         self.meta["calibration"] = self.calibration
         atomic_write_json(self.path / "bundle.json", self.meta)
@@ -144,7 +162,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     preprocess = Preprocess.from_json(json.loads((path / "preprocess.json").read_text()))
     bb = meta["backbone"]
     backbone = create_backbone(bb["name"], pretrained=bb["pretrained"] if not bb["in_model_state"] else False,
-                               trainable=False, image_size=preprocess.image_size)
+                               trainable=False, image_size=preprocess.image_size,
+                               multiscale=bool(bb.get("multiscale", False)))
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     if bb["in_model_state"]:
         model = create_model(taxonomy, backbone=backbone, in_features=bb["num_features"], neck=meta["neck"],

@@ -58,6 +58,8 @@ class BackboneConfig(_Strict):
                                                      "weights file; False: random init.")
     trainable: bool = Field(False, description="Fine-tune the backbone. False: frozen, features cached on disk.")
     image_size: int | None = Field(None, ge=16, description="Input size in pixels; None: the backbone's default.")
+    multiscale: bool = Field(False, description="efficientnet_lite0 only: concatenate pooled mid-level stage outputs "
+                                                "with the head (1984 features; better transfer to plankton, same cost).")
 
 
 class NeckConfig(_Strict):

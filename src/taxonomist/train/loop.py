@@ -90,7 +90,7 @@ class Trainer:
                  f"samples ({time.time() - t0:.1f}s)")
         bb = cfg.model.backbone
         self.backbone = create_backbone(bb.name, pretrained=bb.pretrained, trainable=bb.trainable,
-                                        image_size=bb.image_size)
+                                        image_size=bb.image_size, multiscale=bb.multiscale)
         self.preprocess = Preprocess(**self.backbone.preprocess)
         self.frozen = not bb.trainable
         self.model = create_model(
