@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,31 @@ def plankton_dir() -> Path:
 @pytest.fixture(scope="session")
 def taxonomies_dir() -> Path:
     return _need(DATA / "taxonomies")
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from taxonomist.data.demo import demo_root
+
+    return demo_root()
+
+
+@pytest.fixture(scope="session")
+def small_set(tmp_path_factory, demo):
+    """CSV tables of real demo images: 3 train and 1 val image per class (first in name order)."""
+    out = tmp_path_factory.mktemp("small")
+    for split, n in (("train", 3), ("val", 1)):
+        rows = []
+        for cls in sorted(p.name for p in (demo / split).iterdir() if p.is_dir()):
+            for img in sorted((demo / split / cls).glob("*.jpg"))[:n]:
+                rows.append({"path": str(img), "label": cls})
+        pd.DataFrame(rows).to_csv(out / f"{split}.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature_cache")
 
 
 def pytest_configure(config):

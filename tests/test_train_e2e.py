@@ -26,37 +26,17 @@ from taxonomist.cli.main import main as cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo():
-    from taxonomist.data.demo import demo_root
-
-    return demo_root()
-
-
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory, demo):
-    """CSV tables of real demo images: 3 train and 1 val image per class (first in name order)."""
-    out = tmp_path_factory.mktemp("small")
-    for split, n in (("train", 3), ("val", 1)):
-        rows = []
-        for cls in sorted(p.name for p in (demo / split).iterdir() if p.is_dir()):
-            for img in sorted((demo / split / cls).glob("*.jpg"))[:n]:
-                rows.append({"path": str(img), "label": cls})
-        pd.DataFrame(rows).to_csv(out / f"{split}.csv", index=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("feature_cache")
-
-
 def _config(tmp: Path, small: Path, demo: Path, cache: Path, name: str, **train) -> Path:
+    return write_small_config(tmp, small, demo, cache, name, **train)
+
+
+def write_small_config(tmp: Path, small: Path, demo: Path, cache: Path, name: str, neck: list[int] | None = None,
+                       **train) -> Path:
     cfg = {
         "name": name, "output_dir": str(tmp / "runs"), "seed": 3,
         "taxonomy": {"path": str(demo / "class_paths.tsv")},
         "data": {"train": str(small / "train.csv"), "val": str(small / "val.csv")},
-        "model": {"backbone": {"name": "efficientnet_lite0", "image_size": 64}, "neck": {"hidden": [64]}},
+        "model": {"backbone": {"name": "efficientnet_lite0", "image_size": 64}, "neck": {"hidden": [64] if neck is None else neck}},
         "train": {"epochs": 4, "batch_size": 32, "lr": 0.003, "cache_dir": str(cache), "progress": False, **train},
     }
     path = tmp / f"{name}.yaml"

@@ -13,8 +13,9 @@ from ..utils.io import atomic_write_text
 
 class MetricLogger:
     def __init__(self, run_dir: Path, history: list[dict[str, Any]] | None = None, start_epoch: int = 0,
-                 tensorboard: bool = True) -> None:
+                 tensorboard: bool = True, write: bool = True) -> None:
         self.csv_path = run_dir / "metrics.csv"
+        self.write = write
         self.history: list[dict[str, Any]] = list(history or [])
         self.writer = None
         if tensorboard:
@@ -25,6 +26,8 @@ class MetricLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
+        if not self.write:
+            return
         keys: list[str] = []
         for r in self.history:
             keys.extend(k for k in r if k not in keys)

@@ -35,6 +35,7 @@ from ..models import create_backbone, create_model
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..utils.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from .config import Config
+from .distributed import barrier, gather_rows, init_distributed, rank_slice, shutdown
 from .logger import MetricLogger
 from .schedule import lr_multiplier
 from .setup import PreparedData, prepare_data
@@ -72,10 +73,11 @@ def default_cache_dir(cfg: Config) -> Path:
 class Trainer:
     def __init__(self, cfg: Config, log: Log = print) -> None:
         self.cfg = cfg
-        self.log = log
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = resolve_device(cfg.train.device)
+        self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
+        self.log: Log = log if self.dist.is_main else (lambda _msg: None)
+        self.progress = cfg.train.progress and self.dist.is_main
 
     # ------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -101,8 +103,13 @@ class Trainer:
         self.loss_fn = create_loss(loss_cfg.pop("name"), self.tax, self.model.head, **loss_cfg).to(self.device)
         self.weighting = StaticWeighting(cfg.loss.task_weights)
         if self.frozen:
+            # rank 0 fills the on-disk cache first; the other ranks then read it
+            if not self.dist.is_main:
+                barrier(self.dist)
             self.train_x = self._features(self.data.train, "train")
             self.val_x = self._features(self.data.val, "val") if self.data.val is not None else None
+            if self.dist.is_main:
+                barrier(self.dist)
         self.train_y = torch.as_tensor(self.data.train.nodes(), dtype=torch.long)
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
@@ -117,10 +124,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(t.schedule, total, warm))
         self.autocast, self.amp_dtype = autocast_for(self.device, t.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_fn = self.model
+        self.step_fn: nn.Module = self.model
+        if self.dist.enabled:
+            if t.batch_size % self.dist.world_size:
+                raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible by the "
+                                  f"number of processes ({self.dist.world_size})")
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every loss returns a graph-connected zero for a task absent from a batch, so all parameters
+            # receive gradients and no "unused parameter" search is needed
+            self.step_fn = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
             if self.device.type == "cuda":
-                self.step_fn = torch.compile(self.model)
+                self.step_fn = torch.compile(self.step_fn)
             else:
                 self.log("  note: train.compile is ignored on CPU (no speed-up there)")
 
@@ -129,25 +146,42 @@ class Trainer:
         feats = extract_features(self.backbone, self.backbone.cache_key, table, self.preprocess,
                                  cache_dir=default_cache_dir(self.cfg), batch_size=self.cfg.train.feature_batch_size,
                                  num_workers=self.cfg.data.num_workers, device=self.device,
-                                 progress=self.cfg.train.progress)
+                                 progress=self.progress)
         return torch.as_tensor(np.asarray(feats, dtype=np.float32))
 
     # ------------------------------------------------------------ batches
-    def _train_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    def _epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        """(this rank's row indices, global batch size) for every global batch of the epoch.
+
+        The permutation depends only on the seed and the epoch, so any world size sees the same batches.
+        """
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         n = len(self.data.train)
         bs = self.cfg.train.batch_size
+        perm = torch.randperm(n, generator=g)
+        batches = []
+        for lo in range(0, n, bs):
+            glob = perm[lo:lo + bs]
+            if self.dist.enabled and len(glob) < self.dist.world_size:
+                continue  # a tail smaller than the number of ranks would leave a rank without data
+            batches.append((rank_slice(glob, self.dist), len(glob)))
+        return batches
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, float]]:
+        """(inputs, targets, gradient scale). Under DDP the scale world * n_rank / n_global makes the
+        averaged gradient equal the gradient of the global-batch mean even when the ranks' shares differ."""
+        batches = self._epoch_batches(epoch)
+        world = self.dist.world_size
+        scales = [world * len(idx) / n for idx, n in batches]
         if self.frozen:
-            perm = torch.randperm(n, generator=g)
-            for lo in range(0, n, bs):
-                idx = perm[lo:lo + bs]
-                yield {"features": self.train_x[idx].to(self.device)}, self.train_y[idx].to(self.device)
+            for (idx, _), scale in zip(batches, scales):
+                yield {"features": self.train_x[idx].to(self.device)}, self.train_y[idx].to(self.device), scale
         else:
             ds = ImageDataset(self.data.train, build_transform(self.preprocess, train=self.cfg.train.augment))
-            loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, generator=g,
-                                                 num_workers=self.cfg.data.num_workers, drop_last=False)
-            for images, nodes, _ in loader:
-                yield {"images": images.to(self.device)}, nodes.to(self.device)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=[idx.tolist() for idx, _ in batches],
+                                                 num_workers=self.cfg.data.num_workers)
+            for (images, nodes, _), scale in zip(loader, scales):
+                yield {"images": images.to(self.device)}, nodes.to(self.device), scale
 
     @torch.no_grad()
     def predict_label_probs(self, table=None, features: torch.Tensor | None = None) -> np.ndarray:
@@ -169,9 +203,15 @@ class Trainer:
         return torch.cat(out).numpy() if out else np.zeros((0, self.tax.n_labels), dtype=np.float32)
 
     def _validate(self) -> dict[str, Any]:
+        """Metrics over the whole validation set (each rank predicts a contiguous block; blocks are gathered)."""
         if self.data.val is None or len(self.data.val) == 0:
             return {}
-        probs = self.predict_label_probs(self.data.val, self.val_x if self.frozen else None)
+        rows = np.array_split(np.arange(len(self.data.val)), self.dist.world_size)[self.dist.rank]
+        if self.frozen:
+            local = self.predict_label_probs(features=self.val_x[torch.as_tensor(rows)])
+        else:
+            local = self.predict_label_probs(self.data.val.select(rows))
+        probs = gather_rows(local, self.dist)
         m = compute_metrics(self.tax, probs, self.data.val.nodes(), ranks=self.cfg.ranks)
         return {f"val/{k}": v for k, v in m.items()}
 
@@ -204,6 +244,9 @@ class Trainer:
         return state
 
     def _save_epoch(self, epoch: int, best: float | None, history: list[dict[str, Any]], is_best: bool) -> None:
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return
         state = self._state(epoch, best, history)
         ck = self.cfg.checkpoint
         if epoch % ck.every == 0:
@@ -214,24 +257,28 @@ class Trainer:
         if is_best:
             atomic_torch_save(self.ckpt_dir / "best.pt", state)
         atomic_torch_save(self.ckpt_dir / "last.pt", state)  # last: resume reads this one
+        barrier(self.dist)
 
     # ------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
         cfg = self.cfg
         self.log(f"run: {self.run_dir}")
         self._prepare()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-        from ..taxonomy import save as save_taxonomy
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            from ..taxonomy import save as save_taxonomy
 
-        save_taxonomy(self.tax, self.run_dir / "taxonomy.json")
+            save_taxonomy(self.tax, self.run_dir / "taxonomy.json")
+        barrier(self.dist)
         state = self._resume()
         start = state["epoch"] if state else 0
         best = state["best"] if state else None
         history = list(state["history"]) if state else []
         if state:
             self.log(f"resuming from {self.ckpt_dir / 'last.pt'} (epoch {start} of {cfg.train.epochs} done)")
-        logger = MetricLogger(self.run_dir, history, start_epoch=start)
+        logger = MetricLogger(self.run_dir, history, start_epoch=start, tensorboard=self.dist.is_main,
+                              write=self.dist.is_main)
         logger.add_text("config", "```\n" + cfg.to_yaml() + "\n```")
         logger.add_text("taxonomy", self.tax.fingerprint)
         mode = cfg.checkpoint.best_mode
@@ -262,17 +309,17 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         batches = self._train_batches(epoch)
-        if self.cfg.train.progress:
+        if self.progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False)
-        for inputs, targets in batches:
+        for inputs, targets, grad_scale in batches:
             with self.autocast():
                 outputs = self.step_fn(**inputs)
                 losses = self.loss_fn(outputs, targets)
                 total = self.weighting(losses)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
+            self.scaler.scale(total * grad_scale if grad_scale != 1.0 else total).backward()
             if self.cfg.train.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -284,6 +331,13 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * n
             for k, v in losses.items():
                 sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v.detach()) * n
+        if self.dist.enabled:  # average the logged losses over all ranks' samples
+            import torch.distributed as tdist
+
+            keys = sorted(sums)
+            buf = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+            tdist.all_reduce(buf)
+            sums, count = dict(zip(keys, buf[:-1].tolist())), int(buf[-1])
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def _finish(self, start: int, best: float | None) -> RunResult:
@@ -293,6 +347,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         metrics = self._validate()
         metrics = {k[4:]: v for k, v in metrics.items()}
+        bundle_dir = self.run_dir / "bundle"
+        if not self.dist.is_main:
+            barrier(self.dist)
+            shutdown(self.dist)
+            return RunResult(self.run_dir, bundle_dir, metrics, self.cfg.train.epochs - start, start)
         if metrics:
             metrics["epoch"] = state["epoch"]
             atomic_write_json(self.run_dir / "metrics.json", metrics)
@@ -301,6 +360,8 @@ class Trainer:
                                    extra={"epoch": state["epoch"], "val_metrics": metrics,
                                           "threshold": self.cfg.predict.threshold})
         self.log(f"bundle: {bundle_dir}")
+        barrier(self.dist)
+        shutdown(self.dist)
         return RunResult(self.run_dir, bundle_dir, metrics, self.cfg.train.epochs - start, start)
 
 
