@@ -24,7 +24,7 @@ import torch
 from taxonomist.errors import ConfigError
 from taxonomist.losses import create_loss
 from taxonomist.models import create_head, create_model, list_heads
-from taxonomist.models.heads import AttributeHeads, ConditionalHead, HierarchicalSoftmaxHead, arc_margin
+from taxonomist.models.heads import AttributeHeads, HierarchicalSoftmaxHead, arc_margin
 from taxonomist.taxonomy import Taxonomy, load
 
 HEADS = ["hsoftmax", "refined", "conditional", "arcface", "arcface_per_rank", "multilabel"]
@@ -259,9 +259,8 @@ def test_level_heads_train_with_per_rank_ce_and_ce(trees):
             total.backward()
             # every row (class / branch / node) learns, except the single class of a one-class level
             # (FathomNet's kingdom: a softmax over one class is constant)
-            fixed = torch.zeros(sum(head.sizes) if hasattr(head, "sizes") else 0, dtype=torch.bool)
-            if hasattr(head, "sizes"):
-                fixed = torch.cat([torch.full((n,), n == 1) for n in head.sizes])
+            sizes = getattr(head, "sizes", [])
+            fixed = torch.cat([torch.full((n,), n == 1) for n in sizes]) if sizes else torch.zeros(0, dtype=bool)
             for pname, p in head.named_parameters():
                 assert p.grad is not None and torch.isfinite(p.grad).all(), (name, loss_name, pname)
                 learns = p.grad.abs().reshape(p.shape[0], -1).sum(1) > 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from taxonomist.errors import ConfigError, DataError
 from taxonomist.losses import (CompositeLoss, StaticWeighting, create_loss, list_losses, loss_options,
                                with_attribute_losses)
-from taxonomist.losses.tree_ops import LabelDistance, NodeLogProbs
+from taxonomist.losses.tree_ops import LabelDistance, NodeLogProbs, RootPaths
 from taxonomist.models import create_model
 from taxonomist.models.heads import create_head, list_heads
 from taxonomist.taxonomy import Taxonomy, load
@@ -115,8 +115,14 @@ def test_registry_lists_every_loss():
     assert loss_options("hxe") == {"alpha": 0.1}
 
 
-def test_node_log_probs_and_label_distance_match_slow_walks(trees):
+def test_node_log_probs_root_paths_and_label_distance_match_slow_walks(trees):
     for tax in trees:
+        nodes = torch.arange(tax.n_nodes)
+        for table_max in (RootPaths(tax).use_table and 1 << 24, 0):
+            paths = RootPaths(tax, table_max=table_max)(nodes).numpy()
+            for v in range(0, tax.n_nodes, 7):
+                up = path_up(tax, v)[::-1]
+                assert paths[v, :len(up)].tolist() == up and (paths[v, len(up):] == -1).all()
         torch.manual_seed(0)
         lp = torch.randn(3, tax.n_labels).mul(4).log_softmax(-1)
         got = NodeLogProbs(tax)(lp).double().numpy()

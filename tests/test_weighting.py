@@ -218,3 +218,30 @@ def test_static_weighting_checks_tasks_at_construction():
         StaticWeighting({"genre": 2.0}, tasks=["genus", "species"])
     sw = create_weighting("static", weights={"genus": 0.5}, tasks=["genus", "species"])
     assert sw.current_weights() == {"genus": 0.5, "species": 1.0}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    gn = GradNorm(tasks=["a", "b", "c"], lr=0.1)
+    for step in range(4):
+        w = torch.nn.Parameter(torch.ones(4))
+        # different batches per rank: other norms and values, and task c present on rank 1 only
+        losses = {"a": (3.0 + rank) * w.sum(), "b": (0.5 + rank) * w.sum(),
+                  "c": w.sum() * (2.0 if rank == 1 else 0.0)}
+        gn.update(losses, [w], step)
+    torch.save(gn.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradnorm_gives_every_ddp_rank_the_same_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(s0["w"], s1["w"]) and torch.equal(s0["initial_losses"], s1["initial_losses"])
+    assert not torch.equal(s0["w"], torch.ones(3))                 # it did move
+    assert s0["w"].sum().item() == pytest.approx(3.0)

@@ -1,7 +1,10 @@
 """The loss interface and its registry.
 
 A loss is built as ``create_loss(name, taxonomy, head, **options)`` and called
-as ``loss(outputs, target_nodes) -> dict[str, Tensor]``: one scalar per task.
+as ``loss(outputs, target_nodes, extra_targets=None) -> dict[str, Tensor]``: one
+scalar per task. ``extra_targets`` carries targets that are not taxonomy nodes,
+by output key (e.g. ``{"attr/colour": LongTensor[B]}``, ``-1`` = missing); losses
+that do not use them ignore them.
 ``target_nodes`` are node ids at any depth (``-1`` = unlabelled, ignored): a
 label node means "this label", a node above labels is a partial label ("one of
 the labels under this node"). A target with no label at or below it cannot be
@@ -85,8 +88,14 @@ class Loss(nn.Module, ABC):
         """Names of the scalars ``forward`` returns."""
 
     @abstractmethod
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-        """Per-task scalar losses (float32)."""
+    def forward(self, outputs: dict[str, Tensor], targets: Tensor,
+                extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-task scalar losses (float32) from the head's outputs, target node ids ``[B]``
+        (any depth, ``-1`` = unlabelled) and optional non-taxonomy targets by output key."""
+
+    def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        """The head's normalised label log-probabilities, float32 ``[B, n_labels]``."""
+        return self.head.label_log_probs(outputs).float()
 
     def check_targets(self, targets: Tensor) -> None:
         """Raise DataError for target ids outside the tree or with no label at or below them."""
@@ -106,3 +115,12 @@ class Loss(nn.Module, ABC):
                 f"{len(ids)} target(s) have no label node at or below them, so no prediction can match them: "
                 f"{describe_nodes(self.taxonomy, ids)}. These nodes sit below the label nodes: relabel those "
                 "samples to a label above them, or make them labels (taxonomy.label_nodes=observed).")
+
+
+def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` over the rows where ``valid``; 0 (still connected to ``values``) when none is.
+
+    Rows that are not valid are selected away with ``torch.where`` (zero gradient); compute them
+    from a harmless stand-in (e.g. a clamped target) so their own backward stays finite.
+    """
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp(min=1)

@@ -16,11 +16,20 @@ distribution ``p = exp(label_log_probs)``:
 
 ``per_rank_ce``: one cross-entropy per level of the ``per_rank`` head, the level
 target being the target's class at that level (``PerRankHead.level_targets``):
-levels a partial target does not determine are ignored; a label whose lineage
-stops above a level is trained towards that level's none class.
+a label whose lineage stops above a level is trained towards that level's none
+class. Levels a partial target does not determine (below it: the species of a
+sample known only to genus) are ignored (``partial="ignore"``, default) or, with
+``partial="null"``, trained towards the level's none class where it has one: the
+per-rank "null" class of Linnaeus (FIELD_NOTES.md), which then also means "not
+known at this rank". Scheduled null masking (``null_mask_start/end/steps``; after
+Linnaeus' scheduled null-loss masking) drops the term of each sample whose level
+target is the none class with a probability that moves linearly from start to
+end over ``null_mask_steps`` training steps.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -56,17 +65,21 @@ class CrossEntropy(Loss):
     def tasks(self) -> tuple[str, ...]:
         return ("labels",)
 
-    def per_sample(self, label_log_probs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """(nll [B], valid [B]) from label log-probs; nll is 0 where the target is -1."""
+    def per_sample(self, label_log_probs: Tensor, targets: Tensor, mask: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+        """(nll [B], valid [B]) from label log-probs; nll is 0 where the target is -1. ``mask``: the
+        ``[B, n_labels]`` label sets of the (clamped) targets, when the caller has them already."""
         valid = targets >= 0
-        mask = self.sets.mask(targets.clamp(min=0)) | ~valid[:, None]  # unlabelled rows: a harmless full mask
+        mask = self.sets.mask(targets.clamp(min=0)) if mask is None else mask
+        mask = mask | ~valid[:, None]  # unlabelled rows: a harmless full mask
         lp = label_log_probs.float()
         nll = -torch.logsumexp(lp.masked_fill(~mask, float("-inf")), dim=-1)
         if self.label_smoothing > 0:
             nll = (1.0 - self.label_smoothing) * nll - self.label_smoothing * lp.mean(dim=-1)
         return torch.where(valid, nll, torch.zeros_like(nll)), valid
 
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: dict[str, Tensor], targets: Tensor,
+                extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.check_targets(targets)
         nll, valid = self.per_sample(self.head.label_log_probs(outputs), targets)
         return {"labels": nll.sum() / valid.sum().clamp(min=1)}
@@ -76,29 +89,79 @@ class CrossEntropy(Loss):
 class PerRankCrossEntropy(Loss):
     """One cross-entropy per level of a per-level head; tasks are the level names.
 
-    Each level's loss is the mean over the samples whose target determines that
-    level; a level with none in the batch gives a connected zero.
+    Each level's loss is the mean over the samples that have a target at that level; a
+    level with none in the batch gives a connected zero.
+
+    Options: ``label_smoothing``; ``partial`` = ``"ignore"`` (default) or ``"null"`` (levels
+    below a partial target train towards the level's none class where the head has one;
+    levels without a none class keep ignoring them, listed in ``ignored_null_levels``);
+    ``null_mask_start``, ``null_mask_end`` (probabilities in [0, 1], default 0) and
+    ``null_mask_steps``: each none-class term is dropped with probability
+    ``start + (end - start) * min(1, step / null_mask_steps)``. ``step`` advances by one on
+    every forward in training mode; a loop that accumulates gradients or resumes sets it
+    with :meth:`set_step`.
     """
 
-    def __init__(self, taxonomy: Taxonomy, head: Head, label_smoothing: float = 0.0) -> None:
+    def __init__(self, taxonomy: Taxonomy, head: Head, label_smoothing: float = 0.0, partial: str = "ignore",
+                 null_mask_start: float = 0.0, null_mask_end: float = 0.0, null_mask_steps: int = 0) -> None:
         super().__init__(taxonomy, head)
         if not hasattr(head, "level_targets") or not hasattr(head, "levels"):
             raise ConfigError(f"loss 'per_rank_ce' needs a head with one output per level (e.g. 'per_rank'); "
                               f"the head {head.registry_name or type(head).__name__!r} has none. "
                               "Use loss.name=ce, which works with every head.")
         self.label_smoothing = _check_eps(label_smoothing)
+        if partial not in ("ignore", "null"):
+            raise ConfigError(f"loss.partial={partial!r} must be 'ignore' or 'null'")
+        self.partial = partial
+        for key, val in (("null_mask_start", null_mask_start), ("null_mask_end", null_mask_end)):
+            if not 0.0 <= float(val) <= 1.0:
+                raise ConfigError(f"loss.{key}={val} must be a probability in [0, 1]")
+        if int(null_mask_steps) < 0:
+            raise ConfigError(f"loss.null_mask_steps={null_mask_steps} must be >= 0")
+        self.null_mask = (float(null_mask_start), float(null_mask_end), int(null_mask_steps))
+        self.step = 0
+        self.register_buffer("is_label", torch.from_numpy(taxonomy.is_label.copy()), persistent=False)
+        classes = head.level_classes() if hasattr(head, "level_classes") else {}
+        # index of each level's none class (-1: the level has none)
+        self.none_index = {lv: (int(len(c) - 1) if len(c) and int(c[-1]) == -1 else -1) for lv, c in classes.items()}
+        self.ignored_null_levels = tuple(lv for lv in head.levels if self.none_index.get(lv, -1) < 0)
+        if partial == "null" and len(self.ignored_null_levels) == len(head.levels):
+            warnings.warn("loss per_rank_ce with partial='null': no level of this head has a none class "
+                          "(every label reaches every level), so partial targets are ignored below their "
+                          "level as with partial='ignore'", stacklevel=2)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.head.levels)
 
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    def set_step(self, step: int) -> None:
+        """Set the training step the null-mask schedule reads."""
+        self.step = int(step)
+
+    def null_mask_probability(self) -> float:
+        start, end, steps = self.null_mask
+        frac = 1.0 if steps == 0 else min(1.0, self.step / steps)
+        return start + (end - start) * frac
+
+    def forward(self, outputs: dict[str, Tensor], targets: Tensor,
+                extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.check_targets(targets)
         level_targets = self.head.level_targets(targets)
+        partial = (targets >= 0) & ~self.is_label[targets.clamp(min=0)]
+        p_mask = self.null_mask_probability() if self.training else 0.0
         out = {}
         for level in self.head.levels:
             t = level_targets[level]
+            none = self.none_index.get(level, -1)
+            if none >= 0:
+                if self.partial == "null":
+                    t = torch.where(partial & (t < 0), torch.full_like(t, none), t)
+                if p_mask > 0:
+                    drop = (t == none) & (torch.rand(t.shape, device=t.device) < p_mask)
+                    t = torch.where(drop, torch.full_like(t, -1), t)
             total = F.cross_entropy(outputs[level].float(), t, ignore_index=-1, reduction="sum",
                                     label_smoothing=self.label_smoothing)
             out[level] = total / (t >= 0).sum().clamp(min=1)
+        if self.training:
+            self.step += 1
         return out

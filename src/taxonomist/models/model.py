@@ -1,9 +1,13 @@
-"""The model: backbone (optional) -> neck -> head.
+"""The model: backbone (optional) -> neck -> head (+ attribute heads).
 
 ``forward(images=...)`` runs the whole chain; ``forward(features=...)`` starts
 after the backbone, which is how a frozen backbone's cached features are
 trained on (the model is then built with ``backbone=None`` and the backbone may
 be attached later, e.g. by the bundle loader, with ``model.backbone = bb``).
+``forward(..., targets=...)`` hands the target node ids to heads that use them
+(``head.uses_targets``: the ArcFace margin); other heads ignore them.
+Optional :class:`~taxonomist.models.heads.AttributeHeads` share the neck's output and
+add ``"attr/<name>"`` logits to the outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..taxonomy import Taxonomy
 from .backbones import Backbone, create_backbone
-from .heads import Head, create_head
+from .heads import ATTRIBUTE_PREFIX, AttributeHeads, Head, create_head
 from .neck import Neck, create_neck
 
 
@@ -23,13 +27,19 @@ BACKBONE_OPTIONS = {"name", "pretrained", "trainable", "image_size", "seed"}
 
 
 class TaxonomistModel(nn.Module):
-    """``backbone -> neck -> head``; outputs are the head's ``dict[str, Tensor]``."""
+    """``backbone -> neck -> head`` (+ ``attributes``); outputs are the head's ``dict[str, Tensor]``
+    merged with the attribute heads' ``"attr/<name>"`` logits."""
 
-    def __init__(self, backbone: Backbone | None, neck: nn.Module, head: Head) -> None:
+    def __init__(self, backbone: Backbone | None, neck: nn.Module, head: Head,
+                 attributes: AttributeHeads | None = None) -> None:
         super().__init__()
         self.register_module("backbone", backbone)
         self.neck = neck
         self.head = head
+        clash = [t for t in head.tasks if t.startswith(ATTRIBUTE_PREFIX)]
+        if attributes is not None and clash:
+            raise ConfigError(f"head outputs {clash} use the attribute prefix {ATTRIBUTE_PREFIX!r}; rename them")
+        self.register_module("attributes", attributes)
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -37,7 +47,8 @@ class TaxonomistModel(nn.Module):
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return self.head.tasks
+        """Output keys: the head's tasks, then ``attr/<name>`` for each attribute."""
+        return self.head.tasks + (self.attributes.tasks if self.attributes is not None else ())
 
     def embed(self, images: Tensor | None = None, features: Tensor | None = None) -> Tensor:
         """The neck's output (the vector the head sees)."""
@@ -52,8 +63,36 @@ class TaxonomistModel(nn.Module):
             raise ValueError("give images=... or features=..., not both")
         return self.neck(features)
 
-    def forward(self, images: Tensor | None = None, features: Tensor | None = None) -> dict[str, Tensor]:
-        return self.head(self.embed(images, features))
+    def forward(self, images: Tensor | None = None, features: Tensor | None = None,
+                targets: Tensor | None = None) -> dict[str, Tensor]:
+        """Outputs by task. ``targets`` (node ids, ``-1`` = unlabelled) reach heads with
+        ``uses_targets`` (a training-time margin); every other head ignores them."""
+        h = self.embed(images, features)
+        out = self.head(h, targets=targets) if self.head.uses_targets else self.head(h)
+        if self.attributes is not None:
+            out = {**out, **self.attributes(h)}
+        return out
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the last layer shared by every task (GradNorm measures task gradients there).
+
+        That is the last module of the neck with trainable parameters (its last ``Linear``, or its
+        input norm when it has no hidden layer); without one, the last such module of a trainable
+        backbone. Raises ConfigError when nothing before the heads is trainable (a frozen backbone
+        and an identity neck): then the tasks share no parameters.
+        """
+        parts: list[nn.Module] = [self.neck] + ([self.backbone] if self.backbone is not None else [])
+        for part in parts:
+            last: list[nn.Parameter] = []
+            for module in part.modules():
+                own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+                if own:
+                    last = own
+            if last:
+                return last
+        raise ConfigError("the tasks share no trainable layer (frozen backbone, neck without parameters), so "
+                          "GradNorm has nothing to measure: give the neck a hidden layer (model.neck.hidden=[512]) "
+                          "or norm=layer, or use static task weights")
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         return self.head.label_log_probs(outputs)
@@ -77,7 +116,8 @@ def _as_config(value: Any, key: str, name_key: str = "name") -> dict[str, Any]:
 
 def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str | None = None,
                  head: dict[str, Any] | str = "flat", neck: dict[str, Any] | None = None,
-                 in_features: int | None = None) -> TaxonomistModel:
+                 in_features: int | None = None, attributes: dict[str, int] | None = None,
+                 attribute_dropout: float = 0.0) -> TaxonomistModel:
     """A :class:`TaxonomistModel` from plain config dicts.
 
     backbone: a :class:`Backbone`, its config (``{"name", "pretrained", "trainable", "image_size"}``,
@@ -85,6 +125,8 @@ def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str |
         ``in_features`` is required).
     head: ``{"name": "flat", **options}`` or a head name.
     neck: ``{"hidden": [...], "dropout": ..., "norm": ...}``; None = identity.
+    attributes: ``{name: n_classes}`` adds an :class:`AttributeHeads` (outputs ``"attr/<name>"``)
+        on the neck's output; None or ``{}`` = none. ``attribute_dropout``: dropout before them.
     """
     if isinstance(backbone, (dict, str)):
         cfg = _as_config(backbone, "backbone")
@@ -106,7 +148,9 @@ def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str |
     head_cfg = _as_config(head, "head")
     head_name = head_cfg.pop("name", "flat")
     head_mod = create_head(head_name, taxonomy, neck_mod.out_features, **head_cfg)
-    return TaxonomistModel(backbone, neck_mod, head_mod)
+    attr_mod = (AttributeHeads(neck_mod.out_features, attributes, dropout=attribute_dropout)
+                if attributes else None)
+    return TaxonomistModel(backbone, neck_mod, head_mod, attr_mod)
 
 
 __all__ = ["TaxonomistModel", "create_model", "Neck"]

@@ -99,3 +99,84 @@ class LabelSets(nn.Module):
         is_label = li >= 0
         onehot = nn.functional.one_hot(li.clamp(min=0), under.shape[1]).bool()
         return torch.where(is_label[:, None], onehot, under)
+
+
+# ----------------------------------------------------------------- segment and path operations
+def segment_logsumexp(values: Tensor, segments: Tensor, n_segments: int) -> Tensor:
+    """``out[b, s] = log sum_{e: segments[e] == s} exp(values[b, e])``; ``-inf`` for empty segments.
+
+    ``values`` is ``[B, E]``, ``segments`` ``[E]`` (int64 in ``0..n_segments-1``). The usual
+    max-shift for stability (the shift is detached: the result does not depend on it),
+    one ``scatter_reduce(amax)`` and one ``index_add``: O(B x (E + n_segments)) memory
+    whatever the segment sizes, so a node with 10^4 children costs no padding. Entries of
+    ``-inf`` (e.g. a one-hot routing in log space) are allowed: a segment holding only
+    ``-inf`` gives ``-inf``, never NaN.
+    """
+    b = values.shape[0]
+    idx = segments.unsqueeze(0).expand(b, -1)
+    shift = values.new_full((b, n_segments), float("-inf")).scatter_reduce(
+        1, idx, values.detach(), reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = values.new_zeros(b, n_segments).index_add(1, segments, (values - shift[:, segments]).exp())
+    return total.log() + shift
+
+
+def segment_log_softmax(values: Tensor, segments: Tensor, n_segments: int) -> Tensor:
+    """Log-softmax of ``values [B, E]`` within each segment: ``values - segment_logsumexp[segment]``."""
+    return values - segment_logsumexp(values, segments, n_segments)[:, segments]
+
+
+class DepthLevels(nn.Module):
+    """Root-path sums, subtree maxima and ancestor masks over node-indexed tensors ``[B, n_nodes]``.
+
+    Canonical ids put every depth level in one contiguous id range, parents one level up,
+    so each direction is one gather (top-down) or one ``scatter_reduce`` (bottom-up) per
+    depth level: O(B x n_nodes) work and memory; the Python loop runs over depth levels
+    only (at most the tree height), never over nodes.
+    """
+
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        super().__init__()
+        bounds = np.searchsorted(taxonomy.depth, np.arange(taxonomy.max_depth + 2))
+        self.bounds: list[tuple[int, int]] = [(int(bounds[d]), int(bounds[d + 1]))
+                                              for d in range(taxonomy.max_depth + 1)]
+        self.n_nodes = taxonomy.n_nodes
+        parent = np.maximum(taxonomy.parent, 0)
+        # index of each node's parent inside the parent's own depth level (0 for the root)
+        local = parent - bounds[np.maximum(taxonomy.depth - 1, 0)]
+        self.register_buffer("local_parent", torch.from_numpy(local.astype(np.int64)), persistent=False)
+        self.register_buffer("preorder", torch.from_numpy(taxonomy.preorder.astype(np.int64)), persistent=False)
+        self.register_buffer("subtree_end", torch.from_numpy((taxonomy.preorder + taxonomy.subtree_size)
+                                                             .astype(np.int64)), persistent=False)
+
+    def path_sum(self, values: Tensor) -> Tensor:
+        """``out[:, v] = sum of values[:, u]`` over u = v and its ancestors (the root included)."""
+        parts = [values[:, :1]]
+        for lo, hi in self.bounds[1:]:
+            parts.append(parts[-1][:, self.local_parent[lo:hi]] + values[:, lo:hi])
+        return torch.cat(parts, dim=1)
+
+    def subtree_max(self, values: Tensor) -> Tensor:
+        """``out[:, v] = max of values[:, u]`` over u in v's subtree (v included): bottom-up ``amax``.
+
+        The max constraint module of C-HMCNN (Giunchiglia & Lukasiewicz, NeurIPS 2020,
+        "Coherent hierarchical multi-label classification networks"): a node's score is the
+        maximum over itself and its descendants, so a parent never scores below a child.
+        The gradient goes to the maximising entries.
+        """
+        parts: list[Tensor] = [values[:, self.bounds[-1][0]:self.bounds[-1][1]]]
+        for d in range(len(self.bounds) - 2, -1, -1):
+            lo, hi = self.bounds[d]
+            c_lo, c_hi = self.bounds[d + 1]
+            idx = self.local_parent[c_lo:c_hi].unsqueeze(0).expand(values.shape[0], -1)
+            parts.append(values[:, lo:hi].scatter_reduce(1, idx, parts[-1], reduce="amax", include_self=True))
+        return torch.cat(parts[::-1], dim=1)
+
+    def ancestor_mask(self, nodes: Tensor) -> Tensor:
+        """[B] node ids (>= 0) -> [B, n_nodes] bool, True at each node's ancestors-or-self.
+
+        ``u`` is an ancestor-or-self of ``t`` iff ``pre(u) <= pre(t) < pre(u) + size(u)``
+        (depth-first pre-order intervals): O(B x n_nodes), no ancestor table.
+        """
+        p = self.preorder[nodes].unsqueeze(1)
+        return (self.preorder.unsqueeze(0) <= p) & (p < self.subtree_end.unsqueeze(0))

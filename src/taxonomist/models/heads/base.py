@@ -11,6 +11,11 @@ nodes. Everything downstream (losses, metrics, decisions, the bundle) uses only:
   i.e. the mass of its subtree; by default ``exp(label_log_probs) @ M`` with
   ``M = taxonomy.marginalization_matrix()``.
 
+A head that needs the training targets inside its forward (a margin on the true
+class, ArcFace) sets ``uses_targets = True`` and takes ``forward(features, targets=None)``
+(target node ids at any depth, ``-1`` = unlabelled); :class:`TaxonomistModel` then passes
+them on.
+
 Add a head with ``@register_head("name")`` on a :class:`Head` subclass whose
 constructor is ``(taxonomy, in_features, **options)``; ``create_head`` validates
 the options and ``list_heads`` shows it.
@@ -60,6 +65,8 @@ class Head(nn.Module, ABC):
     """
 
     registry_name: ClassVar[str] = ""
+    uses_targets: ClassVar[bool] = False
+    """True for heads whose ``forward(features, targets=None)`` uses the target node ids."""
 
     def __init__(self, taxonomy: Taxonomy, in_features: int) -> None:
         super().__init__()

@@ -1,0 +1,162 @@
+"""ArcFace heads: ``arcface`` (over the label nodes) and ``arcface_per_rank`` (one per level).
+
+ArcFace (Deng, Guo, Xue & Zafeiriou, CVPR 2019, "ArcFace: additive angular margin loss
+for deep face recognition"): the embedding ``h`` and the class weights ``w_c`` are
+L2-normalised, so the logit of class c is a scaled cosine ``s * cos(theta_c)``. In
+training, the **true class only** gets an additive angular margin m::
+
+    logit_y = s * cos(theta_y + m)        if theta_y + m <= pi   (theta_y < pi - m)
+            = s * (cos(theta_y) - m * sin(m))   otherwise
+
+The second line is the guard of the authors' reference implementation (insightface):
+``cos(theta + m)`` starts *increasing* again once ``theta + m > pi`` (a worse sample
+would get a better logit), so beyond ``pi - m`` the margin logit is the CosFace-like
+``cos(theta) - m*sin(m)``. Both pieces decrease with theta and lie below ``cos(theta)``;
+the switch is a small downward step (m = 0.5: from -1 to -1.117), so the margin logit
+never increases with the angle. ``cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m)`` with
+``sin(theta) = sqrt(1 - cos^2)``: no ``acos``, whose gradient is infinite at +-1.
+
+As in the plankton thesis, the margin is applied *inside the head* and the loss stays a
+plain cross-entropy outside it (``ce`` / ``per_rank_ce``). The head therefore needs the
+targets in its forward: ``forward(features, targets=None)`` (node ids, ``-1`` =
+unlabelled); :class:`~taxonomist.models.model.TaxonomistModel` passes them. A margin is
+applied only in training mode and only where the target determines the class: for
+``arcface`` a target that is a label node (a partial label above the labels gets no
+margin, its true class is unknown); for ``arcface_per_rank`` every level the target
+determines (``level_targets``; a genus-level target gets the margin on the levels down to
+genus). In evaluation (or without targets) the logits are ``s * cos(theta)``, and
+``label_log_probs`` is their log-softmax (``s`` acts as an inverse temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import ConfigError
+from ...taxonomy import Taxonomy
+from .base import Head, register_head
+from .per_rank import PerRankHead
+
+
+def check_scale_margin(scale: float, margin: float) -> tuple[float, float]:
+    """Validate ArcFace's ``scale`` (s > 0) and ``margin`` (0 <= m < pi/2)."""
+    if not (isinstance(scale, (int, float)) and float(scale) > 0):
+        raise ConfigError(f"model.head.scale={scale!r} must be a positive number (ArcFace's s, e.g. 30)")
+    if not (isinstance(margin, (int, float)) and 0.0 <= float(margin) < math.pi / 2):
+        raise ConfigError(f"model.head.margin={margin!r} must be an angle in radians in [0, pi/2) "
+                          "(ArcFace's m, e.g. 0.5)")
+    return float(scale), float(margin)
+
+
+def cosine_logits(features: Tensor, weight: Tensor) -> Tensor:
+    """``cos(theta)`` between each row of ``features`` [B, D] and each row of ``weight`` [C, D], float32.
+
+    Computed in float32 with autocast off (cosines near +-1 need the precision for the margin).
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.linear(F.normalize(features.float(), dim=-1), F.normalize(weight.float(), dim=-1))
+
+
+def arc_margin(cos: Tensor, margin: float) -> Tensor:
+    """``cos(theta + m)`` where ``theta < pi - m``, else ``cos(theta) - m * sin(m)`` (module docstring)."""
+    c = cos.clamp(-1.0, 1.0)
+    sin = (1.0 - c * c).clamp(min=1e-12).sqrt()
+    shifted = c * math.cos(margin) - sin * math.sin(margin)
+    return torch.where(c > math.cos(math.pi - margin), shifted, c - margin * math.sin(margin))
+
+
+def margin_logits(cos: Tensor, positive: Tensor | None, scale: float, margin: float) -> Tensor:
+    """``s * cos`` with the angular margin on the entries where ``positive`` is True."""
+    if positive is None or margin == 0.0:
+        return scale * cos
+    return scale * torch.where(positive, arc_margin(cos, margin), cos)
+
+
+@register_head("arcface")
+class ArcFaceHead(Head):
+    """ArcFace over the label nodes (module docstring). Output key ``"labels"``: ``s * cos``
+    (with the margin on the true label in training when targets are given).
+
+    Options: ``scale`` s (30), ``margin`` m in radians (0.5), ``dropout`` on the input (0).
+    """
+
+    uses_targets = True
+
+    def __init__(self, taxonomy: Taxonomy, in_features: int, scale: float = 30.0, margin: float = 0.5,
+                 dropout: float = 0.0) -> None:
+        super().__init__(taxonomy, in_features)
+        self.scale, self.margin = check_scale_margin(scale, margin)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.weight = nn.Parameter(torch.empty(self.n_labels, self.in_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.register_buffer("label_index", torch.from_numpy(taxonomy.label_index.astype(np.int64)),
+                             persistent=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("labels",)
+
+    def positives(self, targets: Tensor) -> Tensor:
+        """[B] target nodes -> [B, n_labels] bool: the true label of label targets, nothing otherwise."""
+        li = torch.where(targets >= 0, self.label_index[targets.clamp(min=0)], -1)
+        hot = F.one_hot(li.clamp(min=0), self.n_labels).bool()
+        return hot & (li >= 0).unsqueeze(1)
+
+    def forward(self, features: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
+        cos = cosine_logits(self.dropout(features), self.weight)
+        pos = self.positives(targets) if (self.training and targets is not None) else None
+        return {"labels": margin_logits(cos, pos, self.scale, self.margin)}
+
+    def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        return outputs["labels"].float().log_softmax(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"
+
+
+@register_head("arcface_per_rank")
+class ArcFacePerRankHead(PerRankHead):
+    """One ArcFace classifier per level (the level classes of ``per_rank``, none classes
+    included); outputs keyed by level name, so ``per_rank_ce`` trains it and its label
+    distribution is ``per_rank``'s product of experts of the level softmaxes.
+
+    Options: ``scale`` (30), ``margin`` (0.5), ``ranks``, ``none_class``, ``dropout``.
+    """
+
+    uses_targets = True
+
+    def __init__(self, taxonomy: Taxonomy, in_features: int, scale: float = 30.0, margin: float = 0.5,
+                 ranks: Sequence[str] | None = None, none_class: bool = True, dropout: float = 0.0) -> None:
+        super().__init__(taxonomy, in_features, ranks=ranks, none_class=none_class, dropout=dropout)
+        self.scale, self.margin = check_scale_margin(scale, margin)
+        total = self.linear.out_features
+        del self.linear
+        self.weight = nn.Parameter(torch.empty(total, self.in_features))
+        nn.init.xavier_uniform_(self.weight)
+        offsets = np.r_[0, np.cumsum(self.sizes)[:-1]]
+        self.register_buffer("offsets", torch.from_numpy(offsets.astype(np.int64)), persistent=False)
+
+    def positives(self, targets: Tensor) -> Tensor:
+        """[B] target nodes -> [B, sum_j C_j] bool: the true class of every level the target determines."""
+        t = self.node_targets[targets.clamp(min=0)]                 # [B, n_levels], -1 = undetermined
+        t = torch.where((targets >= 0).unsqueeze(1), t, -1)
+        total = self.weight.shape[0]
+        cols = torch.where(t >= 0, t + self.offsets.unsqueeze(0), total)   # undetermined -> a dropped column
+        hot = torch.zeros(t.shape[0], total + 1, dtype=torch.bool, device=t.device)
+        hot.scatter_(1, cols, True)
+        return hot[:, :total]
+
+    def forward(self, features: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
+        cos = cosine_logits(self.dropout(features), self.weight)
+        pos = self.positives(targets) if (self.training and targets is not None) else None
+        z = margin_logits(cos, pos, self.scale, self.margin)
+        return dict(zip(self.levels, z.split(self.sizes, dim=-1), strict=True))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"

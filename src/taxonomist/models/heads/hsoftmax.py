@@ -1,0 +1,147 @@
+"""The path-product hierarchical softmax head (``hsoftmax``).
+
+One logit per branch of the tree; a softmax among the siblings of every internal
+node gives ``p(v | parent(v))``, and a node's probability is the product of
+these conditionals along its root path (Morin & Bengio, AISTATS 2005,
+"Hierarchical probabilistic neural network language model"; Goodman 2001;
+Redmon & Farhadi's WordTree, YOLO9000, CVPR 2017)::
+
+    log p(v | x) = sum_{u on the path root -> v, u != root} log softmax_{siblings of u}(z)_u
+
+**Internal label nodes.** A label that is an internal node ("copepod_calanoid",
+not further resolved) needs probability mass of its own, beside its children's.
+Every internal label node ``u`` gets one extra slot in its children's sibling
+group, its **stop** (or "other") branch: ``p(u as a label) = p(u) * p(stop | u)``.
+This is the hierarchical softmax on ``taxonomy.transforms.with_other_leaves(tax)``
+(where the stop branch is the leaf "u (other)"), computed without building that tree.
+Label probabilities are then exact path products and sum to 1 over the label nodes.
+
+**Nodes without labels.** A node with no label node in its subtree cannot be any
+sample's answer; it gets no branch (probability 0) so no mass leaks out of the labels.
+A sibling group with a single branch (a single-child chain, or an internal label whose
+only children are unlabelled) has conditional probability 1 and no parameters.
+
+Vectorised: the sibling softmax is a segment log-sum-exp over the branches grouped by
+parent (``scatter_reduce`` + ``index_add``: O(batch x branches), no padding to the
+widest node), and the path products are one gather per depth level
+(:class:`~taxonomist.models.tree_tensors.DepthLevels`). ``node_probs`` are the path
+products themselves: the subtree mass of every node (the root is 1, a node is the sum of
+its children plus its own stop mass), without the marginalisation matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ...taxonomy import Taxonomy
+from ..tree_tensors import DepthLevels, covered_nodes, segment_log_softmax
+from .base import Head, register_head
+
+
+def branch_structure(taxonomy: Taxonomy) -> dict[str, np.ndarray]:
+    """The branches of the hierarchical softmax (module docstring), as index arrays.
+
+    Returns ``node`` (node id of each learnable branch; for a stop branch, the internal
+    label node it belongs to), ``group`` (the parent node whose children's softmax the
+    branch belongs to; for a stop branch the label node itself), ``is_stop``,
+    ``stops`` (the internal label nodes, id order), ``free_stop`` (position of each
+    internal label's stop among the branches, -1 when its group has only that branch)
+    and ``base`` (per node: 0 for nodes with a label in their subtree, -inf otherwise;
+    the conditional log-probability of a branch without parameters).
+    """
+    covered = covered_nodes(taxonomy)
+    nodes = np.flatnonzero(covered[1:]) + 1
+    stops = taxonomy.label_ids[~taxonomy.is_leaf[taxonomy.label_ids]]
+    node = np.r_[nodes, stops].astype(np.int64)
+    group = np.r_[taxonomy.parent[nodes], stops].astype(np.int64)
+    is_stop = np.r_[np.zeros(len(nodes), dtype=bool), np.ones(len(stops), dtype=bool)]
+    size = np.bincount(group, minlength=taxonomy.n_nodes)
+    free = size[group] >= 2
+    free_stop = np.full(len(stops), -1, dtype=np.int64)
+    free_pos = np.cumsum(free) - 1
+    free_stop[free[len(nodes):]] = free_pos[len(nodes):][free[len(nodes):]]
+    base = np.where(covered, 0.0, -np.inf).astype(np.float32)
+    return {"node": node[free], "group": group[free], "is_stop": is_stop[free], "stops": stops,
+            "free_stop": free_stop, "base": base}
+
+
+@register_head("hsoftmax")
+class HierarchicalSoftmaxHead(Head):
+    """Path-product hierarchical softmax over the tree (module docstring).
+
+    Output key ``"branches"``: ``[B, n_branches]`` logits, one per learnable branch
+    (``branch_nodes`` gives the node of each, ``branch_is_stop`` marks the stop branches
+    of internal label nodes). Options: ``bias`` (True), ``dropout`` on the input (0).
+    Extra methods: ``conditional_log_probs`` (``log p(v | parent)``), ``stop_log_probs``,
+    ``path_log_probs`` (``log p(v)``, the subtree mass).
+    """
+
+    def __init__(self, taxonomy: Taxonomy, in_features: int, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__(taxonomy, in_features)
+        s = branch_structure(taxonomy)
+        self.n_branches = len(s["node"])
+        self.n_stops = len(s["stops"])
+        self.register_buffer("branch_nodes", torch.from_numpy(s["node"]), persistent=False)
+        self.register_buffer("branch_groups", torch.from_numpy(s["group"]), persistent=False)
+        self.register_buffer("branch_is_stop", torch.from_numpy(s["is_stop"]), persistent=False)
+        self.register_buffer("base", torch.from_numpy(s["base"]), persistent=False)
+        free_stop = s["free_stop"]
+        self.register_buffer("stop_branch", torch.from_numpy(free_stop[free_stop >= 0]), persistent=False)
+        self.register_buffer("stop_slot", torch.from_numpy(np.flatnonzero(free_stop >= 0)), persistent=False)
+        is_stop = s["is_stop"]
+        self.register_buffer("child_branch", torch.from_numpy(np.flatnonzero(~is_stop)), persistent=False)
+        self.register_buffer("child_node", torch.from_numpy(s["node"][~is_stop]), persistent=False)
+        label_ids = taxonomy.label_ids
+        self.register_buffer("label_ids", torch.from_numpy(label_ids.astype(np.int64)), persistent=False)
+        # label position of each internal label (stop order = id order = label order restricted)
+        self.register_buffer("stop_label_pos", torch.from_numpy(taxonomy.label_index[s["stops"]]),
+                             persistent=False)
+        self.levels_op = DepthLevels(taxonomy)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(self.in_features, self.n_branches, bias=bias)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("branches",)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {"branches": self.linear(self.dropout(features))}
+
+    def _branch_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        z = outputs["branches"].float()
+        return segment_log_softmax(z, self.branch_groups, self.n_nodes)
+
+    def conditional_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        """``log p(v | parent(v))`` per node, [B, n_nodes] float32; 0 at the root, -inf for nodes
+        without labels below them. For an internal label node the children's conditionals
+        share their group with its stop branch (:meth:`stop_log_probs`)."""
+        cond = self._branch_log_probs(outputs)
+        b = cond.shape[0]
+        return self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond[:, self.child_branch])
+
+    def stop_log_probs(self, outputs: dict[str, Tensor], cond: Tensor | None = None) -> Tensor:
+        """``log p(stop | u)`` for every internal label node u (id order), [B, n_internal_labels]."""
+        cond = self._branch_log_probs(outputs) if cond is None else cond
+        out = cond.new_zeros(cond.shape[0], self.n_stops)
+        return out.index_add(1, self.stop_slot, cond[:, self.stop_branch])
+
+    def path_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        """``log p(v)``: the log subtree mass of every node, [B, n_nodes] float32 (root 0)."""
+        return self._paths(outputs)[0]
+
+    def _paths(self, outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        cond = self._branch_log_probs(outputs)
+        b = cond.shape[0]
+        node_cond = self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond[:, self.child_branch])
+        return self.levels_op.path_sum(node_cond), self.stop_log_probs(outputs, cond)
+
+    def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        path, stop = self._paths(outputs)
+        lab = path[:, self.label_ids]
+        return lab.index_add(1, self.stop_label_pos, stop)
+
+    def node_probs(self, outputs: dict[str, Tensor]) -> Tensor:
+        """The path products: each node's subtree mass (exactly the marginal of the label distribution)."""
+        return self.path_log_probs(outputs).exp()
