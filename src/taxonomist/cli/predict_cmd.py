@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-thresholds", default=None,
                    help="per-rank thresholds as JSON, e.g. '{\"species\":0.55,\"genus\":0.6}'")
     p.add_argument("--crm-metric", choices=["path", "lca_height", "rank_steps"], default="path")
+    p.add_argument("--lam", type=float, default=None,
+                   help="DARTS lambda for --decision darts (default: the bundle's calibrated value, else 0)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore the bundle's calibration (temperature, thresholds, DARTS lambda) from "
+                        "`taxonomist calibrate`")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--output", "-o", default=None, help="preds.csv, preds.tsv or preds.json (default: print)")
     add_runtime_args(p)
@@ -29,15 +34,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def decision_options(args: argparse.Namespace, bundle) -> dict:
+    """Options of the chosen decision rule: command-line values first, then the bundle's calibration
+    (``taxonomist calibrate``), then the training default."""
     if args.decision == "threshold":
         if args.rank_thresholds:
-            return {"threshold": json.loads(args.rank_thresholds)}
+            try:
+                return {"threshold": json.loads(args.rank_thresholds)}
+            except json.JSONDecodeError as exc:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"--rank-thresholds is not valid JSON ({exc}); write e.g. "
+                                  "'{\"species\": 0.55, \"genus\": 0.6}'") from None
         cal = bundle.calibration.get("thresholds")
         if args.threshold is None and cal is not None:
             return {"threshold": cal}
         return {"threshold": args.threshold if args.threshold is not None else bundle.meta.get("threshold", 0.8)}
     if args.decision == "crm":
         return {"metric": args.crm_metric}
+    if args.decision == "darts":
+        lam = args.lam if getattr(args, "lam", None) is not None else bundle.calibration.get("darts_lambda")
+        return {"lam": float(lam or 0.0)}
     return {}
 
 
@@ -47,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from ..predict import prediction_rows, write_predictions
 
     bundle = load_bundle(resolve_bundle(args.bundle), device=args.device)
+    if args.no_calibration:
+        bundle.calibration = {}   # in memory only: bundle.json keeps it
     table = load_images(args.inputs, bundle.taxonomy)
     probs = bundle.label_probs(table, cache_dir=cache_dir_for(args), batch_size=args.batch_size,
                                num_workers=args.num_workers, progress=not args.no_progress)
