@@ -9,7 +9,8 @@ import sys
 from ..errors import USER_ERRORS
 
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
-COMMAND_MODULES = ["demo_cmd", "train_cmd", "evaluate_cmd", "predict_cmd", "taxonomy_cmd"]
+COMMAND_MODULES = ["demo_cmd", "train_cmd", "evaluate_cmd", "predict_cmd", "taxonomy_cmd", "score_cmd",
+                   "calibrate_cmd", "report_cmd", "pack_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:
