@@ -125,3 +125,25 @@ def test_console_script(fathom: Path) -> None:
     res = subprocess.run([str(exe), "taxonomy", "info", str(fathom)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "n_labels           81" in res.stdout
+
+
+def test_list_command_shows_registered_components(capsys):
+    import json as _json
+
+    from taxonomist.cli.main import main as _cli
+
+    assert _cli(["list", "heads", "--json"]) == 0
+    heads = _json.loads(capsys.readouterr().out)
+    for name in ("flat", "per_rank", "hsoftmax", "conditional", "arcface", "multilabel"):
+        assert name in heads
+    assert _cli(["list", "weightings", "--json"]) == 0
+    w = _json.loads(capsys.readouterr().out)
+    assert w["gradnorm"]["alpha"] == 1.5 and set(w) >= {"static", "gradnorm", "uncertainty"}
+    assert _cli(["list", "losses"]) == 0
+    out = capsys.readouterr().out
+    assert "hxe" in out and "label_smoothing=" in out
+    assert _cli(["list", "augment", "--json"]) == 0
+    aug = _json.loads(capsys.readouterr().out)
+    assert set(aug) >= {"none", "flips", "standard", "randaugment", "autoaugment"}
+    assert _cli(["list", "decisions", "--json"]) == 0
+    assert "threshold" in _json.loads(capsys.readouterr().out)

@@ -100,24 +100,68 @@ class Bundle:
 
         self.model.eval()
         temperature = self.temperature if calibrated else 1.0
+        meta = self.encode_metadata(table)
         outs = []
+
+        def kwargs(lo: int, n: int) -> dict[str, torch.Tensor]:
+            if meta is None:
+                return {}
+            return {"metadata": meta[0][lo:lo + n].to(self.device), "metadata_mask": meta[1][lo:lo + n].to(self.device)}
+
         if not self.meta["backbone"]["trainable"] and cache_dir is not None:
             feats = extract_features(self.model.backbone, self.model.backbone.cache_key, table, self.preprocess,
                                      cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
                                      device=self.device, progress=progress)
             feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
             for lo in range(0, len(feats), 1024):
-                o = self.model(features=feats[lo:lo + 1024].to(self.device))
+                chunk = feats[lo:lo + 1024]
+                o = self.model(features=chunk.to(self.device), **kwargs(lo, len(chunk)))
                 outs.append(self._probs(o, temperature))
         else:
             ds = ImageDataset(table, build_transform(self.preprocess, train=False))
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+            lo = 0
             for images, _, _ in loader:
-                o = self.model(images=images.to(self.device))
+                o = self.model(images=images.to(self.device), **kwargs(lo, len(images)))
                 outs.append(self._probs(o, temperature))
+                lo += len(images)
         if not outs:
             return np.zeros((0, self.taxonomy.n_labels), dtype=np.float64)
         return np.concatenate(outs).astype(np.float64)
+
+    @property
+    def metadata_encoder(self):
+        """The fitted MetadataEncoder of a model trained with metadata (None otherwise)."""
+        info = self.meta.get("metadata")
+        if not info:
+            return None
+        from .data.metadata import MetadataEncoder
+
+        return MetadataEncoder.from_json(info["encoder"])
+
+    def encode_metadata(self, table) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, mask) for a model trained with metadata, or None.
+
+        A table with none of the metadata columns is predicted without metadata (the model was
+        trained with metadata masking for this), with a warning; a table with some but not all of
+        them is an error (rename or add the missing columns).
+        """
+        enc = self.metadata_encoder
+        if enc is None:
+            return None
+        cols = [c for f in enc.fields for c in f.columns]
+        have = set(table.df.columns)
+        present = [c for c in cols if {c, "meta_" + c, "attr_" + c} & have]
+        if not present:
+            import warnings
+
+            warnings.warn(f"the model was trained with metadata ({', '.join(cols)}) but the input has none of these "
+                          "columns; predicting without metadata", stacklevel=2)
+            return None
+        if len(present) < len(cols):
+            raise DataError(f"the input has metadata columns {present} but lacks {sorted(set(cols) - set(present))}; "
+                            "give all of them (empty cells are fine) or none")
+        return enc.transform(table).tensors()
 
     def _probs(self, outputs: dict[str, torch.Tensor], temperature: float) -> np.ndarray:
         logp = self.model.label_log_probs(outputs).float()
@@ -165,16 +209,19 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
                                trainable=False, image_size=preprocess.image_size,
                                multiscale=bool(bb.get("multiscale", False)))
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    extras: dict[str, Any] = {
+        "attributes": {n: len(v) for n, v in (meta.get("attributes") or {}).items()} or None,
+        "metadata": (meta.get("metadata") or {}).get("fusion")}
     if bb["in_model_state"]:
         model = create_model(taxonomy, backbone=backbone, in_features=bb["num_features"], neck=meta["neck"],
-                             head=meta["head"])
+                             head=meta["head"], **extras)
         model.load_state_dict(state)
     else:
         if backbone.weights_key != bb["weights_key"]:
             raise DataError(f"{path}: the backbone weights installed here ({backbone.weights_key}) differ from the "
                             f"ones the bundle was trained with ({bb['weights_key']}); install the same weights package")
         model = create_model(taxonomy, backbone=None, in_features=bb["num_features"], neck=meta["neck"],
-                             head=meta["head"])
+                             head=meta["head"], **extras)
         model.load_state_dict(state)
         model.backbone = backbone
     dev = torch.device(device)

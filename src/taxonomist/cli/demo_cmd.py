@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(result.bundle_dir)
     val = load_samples(cfg.data.val, bundle.taxonomy)
     from ..train.loop import default_cache_dir
+    from .evaluate_cmd import evaluate_to_dir
+
+    # the evaluation folder and the HTML report (per-rank accuracy, severity, calibration, risk-coverage, ...)
+    eval_args = argparse.Namespace(cache_dir=str(default_cache_dir(cfg)), batch_size=64, num_workers=0,
+                                   no_progress=True)
+    evaluate_to_dir(bundle, cfg.data.val, result.run_dir / "eval" / "metrics.json", eval_args)
 
     probs = bundle.label_probs(val, cache_dir=default_cache_dir(cfg), progress=False)
     rows = prediction_rows(bundle.taxonomy, val, probs, method="threshold", threshold=cfg.predict.threshold)
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for r in shown:
         print(f"  {Path(r['image']).name:>12}  truth {r.get('truth', '?'):<36} -> {r['prediction']:<30} "
               f"p={r['probability']:.2f} ({r['how']})")
-    print(f"\nall predictions: {out}\nrun folder: {result.run_dir} (metrics.csv, tensorboard/, checkpoints/, bundle/)"
+    print(f"\nall predictions: {out}\nrun folder: {result.run_dir} (metrics.csv, tensorboard/, checkpoints/, bundle/, "
+          f"eval/report.html)"
           f"\ndone in {time.time() - t0:.0f}s")
     return 0

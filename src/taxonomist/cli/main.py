@@ -10,7 +10,7 @@ from ..errors import USER_ERRORS
 
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
 COMMAND_MODULES = ["demo_cmd", "train_cmd", "evaluate_cmd", "predict_cmd", "taxonomy_cmd", "score_cmd",
-                   "calibrate_cmd", "report_cmd", "pack_cmd"]
+                   "calibrate_cmd", "report_cmd", "pack_cmd", "list_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"taxonomist {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from ..errors import DataError
 from .images import ImageDataset
 from .table import SampleTable, box_strings
 from .transforms import Preprocess, build_transform
+from .sources.packed import pack_file_of
 
 CACHE_VERSION = "taxonomist-features-v1"
 DEFAULT_CHUNK_SIZE = 512
@@ -77,7 +78,7 @@ def image_keys(table: SampleTable) -> tuple[list[str], list[str]]:
         st = stats.get(p)
         if st is None:
             try:
-                s = os.stat(p)
+                s = os.stat(pack_file_of(p))  # a packed sample: its shard file
             except OSError as exc:
                 raise DataError(f"{p}: cannot compute features, the image cannot be read ({exc.strerror})") from None
             st = stats[p] = f"{s.st_size}|{s.st_mtime_ns}"

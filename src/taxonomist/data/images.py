@@ -54,8 +54,13 @@ def crop_box_pixels(box: np.ndarray | tuple[float, float, float, float], width: 
 def load_rgb(path: str, box: np.ndarray | None = None) -> Image.Image:
     """Open an image, crop ``box`` (x, y, w, h; None/NaN = whole image) and convert to RGB.
 
-    Raises DataError naming the file (and box) when it cannot be read.
+    Raises DataError naming the file (and box) when it cannot be read. A ``pack:<file>::<row>``
+    path reads the stored (already cropped) image of a packed file.
     """
+    if path.startswith("pack:"):
+        from .sources.packed import read_packed_image
+
+        return read_packed_image(path)
     try:
         with Image.open(path) as im:
             if box is not None and not np.isnan(np.asarray(box, dtype=np.float64)).any():

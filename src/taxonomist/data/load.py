@@ -7,6 +7,8 @@ folder     ``root/<label>/*.jpg`` (labelled image folder)
 images     ``root/*.jpg`` (unlabelled images, e.g. for prediction)
 table      CSV/TSV sample table (``.csv``, ``.tsv``, ``.tab``, ``.txt``)
 coco       COCO JSON with bounding boxes (``.json``)
+pack       a packed HDF5 file from ``taxonomist pack`` (``.h5``/``.hdf5``, or the
+           name of a sharded pack: ``train.h5`` for ``train-0000k-of-0000n.h5``)
 auto       by the path: a folder with sub-folders is ``folder``, a folder
            of images is ``images``, else by extension
 =========  ==========================================================
@@ -24,12 +26,13 @@ from ..taxonomy import Taxonomy
 from .report import LoadReport, check_on_error
 from .sources import load_coco, load_image_files, load_image_folder, load_table_file
 from .sources.folder import has_label_folders, is_image_name
+from .sources.packed import PACK_SUFFIXES, load_packed
 from .sources.tabular import TAB_SUFFIXES
 from .table import SampleTable
 from .verify import VERIFY_CHOICES
 
-SourceKind = Literal["auto", "folder", "images", "table", "csv", "coco"]
-KINDS: tuple[str, ...] = ("auto", "folder", "images", "table", "csv", "coco")
+SourceKind = Literal["auto", "folder", "images", "table", "csv", "coco", "pack"]
+KINDS: tuple[str, ...] = ("auto", "folder", "images", "table", "csv", "coco", "pack")
 
 
 def detect_kind(source: str | Path) -> str:
@@ -42,6 +45,8 @@ def detect_kind(source: str | Path) -> str:
         return "table"
     if suffix == ".json":
         return "coco"
+    if suffix in PACK_SUFFIXES:
+        return "pack"
     if not path.exists():
         raise DataError(f"data source not found: {path}")
     raise DataError(f"{path}: unknown data source kind (expected an image folder, a .csv/.tsv table or a COCO "
@@ -77,7 +82,7 @@ def load_samples(source: str | Path, taxonomy: Taxonomy | None, *, kind: str = "
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r}; choose one of: {', '.join(KINDS)}")
     source = Path(os.path.abspath(os.fspath(source)))
-    if not source.exists():
+    if not source.exists() and source.suffix.lower() not in PACK_SUFFIXES:  # a sharded pack has no file of its name
         raise DataError(f"data source not found: {source}")
     if kind == "auto":
         kind = detect_kind(source)
@@ -93,6 +98,11 @@ def load_samples(source: str | Path, taxonomy: Taxonomy | None, *, kind: str = "
                                         rank_columns=rank_columns, metadata_columns=metadata_columns,
                                         attribute_columns=attribute_columns, path_column=path_column,
                                         lenient_labels=lenient_labels, **common, **options)
+    elif kind == "pack":
+        _no_table_options(kind, label_column=label_column, rank_columns=rank_columns,
+                          metadata_columns=metadata_columns, attribute_columns=attribute_columns,
+                          path_column=path_column)
+        table, report = load_packed(source, taxonomy, on_error=on_error, lenient_labels=lenient_labels)
     else:
         _no_table_options(kind, label_column=label_column, rank_columns=rank_columns,
                           metadata_columns=metadata_columns, attribute_columns=attribute_columns,

@@ -19,9 +19,10 @@ Practicalities:
 * **Measurement inside the step**: ``torch.autograd.grad(L_i, W, retain_graph=True)`` per task on
   the live graph, before the training backward. No extra backward pass over the whole model
   (only the part between ``L_i`` and ``W``), ``.grad`` is untouched, and DDP's reducer is not
-  triggered (it hooks gradient accumulation). Under DDP the losses and norms are averaged over the
-  ranks where each task is present (``all_reduce``; ``update`` must then run on every rank at every
-  step, as the training loop does) so that every rank computes the same weights.
+  triggered (it hooks gradient accumulation). Under DDP the losses and the per-task gradients at
+  ``W`` are averaged over the ranks where each task is present (``all_reduce``; ``update`` must then
+  run on every rank at every step, as the training loop does) before norms are taken, so every rank
+  computes the same weights, those of the whole batch.
 * **Absent tasks** (no target in the batch: the loss is a connected zero; any loss that is not
   positive and finite counts as absent, since ``L_i(t) / L_i(0)`` needs positive losses) and tasks
   whose gradient at ``W`` is zero are skipped in that update; their weights stay; the weights of the
@@ -150,14 +151,7 @@ class GradNorm(TaskWeighting):
         if not params:
             raise ConfigError("gradnorm needs the parameters of the last shared layer (model.last_shared_parameters()) "
                               "and at least one of them must require a gradient")
-        norms = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.w.device)
-        for i, t in enumerate(self.tasks):
-            if bool(local[i]):
-                grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-                sq = sum((g.double().pow(2).sum() for g in grads if g is not None),
-                         start=torch.zeros((), dtype=torch.float64, device=self.w.device))
-                norms[i] = sq.sqrt().to(self.w.device)
-        norms = _all_reduce_sum(norms) / count.clamp(min=1)
+        norms = self._grad_norms(losses, params, local, count)
         used = present & (norms > 0) & torch.isfinite(norms) & (self.initial_losses > 0)
         self.last_grad_norms.copy_(torch.where(used, norms, torch.full_like(norms, float("nan"))))
         if int(used.sum()) < 2:             # GradNorm balances tasks against each other: needs two
@@ -174,6 +168,33 @@ class GradNorm(TaskWeighting):
         self._step(grad.detach(), used)
         self.n_updates += 1
 
+    def _grad_norms(self, losses: dict[str, Tensor], params: list[nn.Parameter], local: Tensor,
+                    count: Tensor) -> Tensor:
+        """``||grad_W L_i||`` per task. Under DDP the per-task gradients at ``W`` are averaged over the
+        ranks where the task is present *before* the norm is taken (one all-reduce of T x |W| numbers),
+        so the norm is that of the batch gradient, as in a single process, not a mean of noisier
+        per-rank norms."""
+        world = _world_size()
+        dev = self.w.device
+        if world == 1:
+            norms = torch.zeros(len(self.tasks), dtype=torch.float64, device=dev)
+            for i, t in enumerate(self.tasks):
+                if bool(local[i]):
+                    grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+                    sq = sum((g.double().pow(2).sum() for g in grads if g is not None),
+                             start=torch.zeros((), dtype=torch.float64, device=dev))
+                    norms[i] = sq.sqrt().to(dev)
+            return norms
+        size = sum(p.numel() for p in params)
+        flat = torch.zeros(len(self.tasks), size, dtype=torch.float32, device=params[0].device)
+        for i, t in enumerate(self.tasks):
+            if bool(local[i]):
+                grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+                flat[i] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                     for g, p in zip(grads, params)])
+        flat = _all_reduce_sum(flat) / count.clamp(min=1).to(flat)[:, None]
+        return flat.double().norm(dim=1).to(dev)
+
     @torch.no_grad()
     def _step(self, grad: Tensor, used: Tensor) -> None:
         before = self.w[used].sum()
@@ -188,6 +209,11 @@ class GradNorm(TaskWeighting):
         new = torch.where(used, (self.w - step).clamp(min=self.min_weight), self.w)
         new = torch.where(used, new * before / new[used].sum(), new)           # keep the used tasks' sum
         self.w.copy_(new * len(self.tasks) / new.sum())                       # sum w = T
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _all_reduce_sum(x: Tensor) -> Tensor:

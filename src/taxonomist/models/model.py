@@ -31,9 +31,10 @@ class TaxonomistModel(nn.Module):
     merged with the attribute heads' ``"attr/<name>"`` logits."""
 
     def __init__(self, backbone: Backbone | None, neck: nn.Module, head: Head,
-                 attributes: AttributeHeads | None = None) -> None:
+                 attributes: AttributeHeads | None = None, metadata: nn.Module | None = None) -> None:
         super().__init__()
         self.register_module("backbone", backbone)
+        self.register_module("metadata", metadata)  # MetadataFusion between the backbone and the neck
         self.neck = neck
         self.head = head
         clash = [t for t in head.tasks if t.startswith(ATTRIBUTE_PREFIX)]
@@ -50,8 +51,11 @@ class TaxonomistModel(nn.Module):
         """Output keys: the head's tasks, then ``attr/<name>`` for each attribute."""
         return self.head.tasks + (self.attributes.tasks if self.attributes is not None else ())
 
-    def embed(self, images: Tensor | None = None, features: Tensor | None = None) -> Tensor:
-        """The neck's output (the vector the head sees)."""
+    def embed(self, images: Tensor | None = None, features: Tensor | None = None, metadata: Tensor | None = None,
+              metadata_mask: Tensor | None = None) -> Tensor:
+        """The neck's output (the vector the head sees). With a metadata fusion module, ``metadata``
+        [B, D] and ``metadata_mask`` [B, K] are fused with the backbone features first (None: no
+        metadata, the same as a fully masked input)."""
         if features is None:
             if images is None:
                 raise ValueError("give images=... or features=...")
@@ -61,13 +65,19 @@ class TaxonomistModel(nn.Module):
             features = self.backbone(images)
         elif images is not None:
             raise ValueError("give images=... or features=..., not both")
+        if self.metadata is not None:
+            features = self.metadata(features, metadata, metadata_mask)
+        elif metadata is not None:
+            raise ConfigError("metadata was given but this model has no metadata fusion (data.metadata was not set "
+                              "when it was trained)")
         return self.neck(features)
 
     def forward(self, images: Tensor | None = None, features: Tensor | None = None,
-                targets: Tensor | None = None) -> dict[str, Tensor]:
+                targets: Tensor | None = None, metadata: Tensor | None = None,
+                metadata_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Outputs by task. ``targets`` (node ids, ``-1`` = unlabelled) reach heads with
         ``uses_targets`` (a training-time margin); every other head ignores them."""
-        h = self.embed(images, features)
+        h = self.embed(images, features, metadata, metadata_mask)
         out = self.head(h, targets=targets) if self.head.uses_targets else self.head(h)
         if self.attributes is not None:
             out = {**out, **self.attributes(h)}
@@ -117,7 +127,7 @@ def _as_config(value: Any, key: str, name_key: str = "name") -> dict[str, Any]:
 def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str | None = None,
                  head: dict[str, Any] | str = "flat", neck: dict[str, Any] | None = None,
                  in_features: int | None = None, attributes: dict[str, int] | None = None,
-                 attribute_dropout: float = 0.0) -> TaxonomistModel:
+                 attribute_dropout: float = 0.0, metadata: dict[str, Any] | None = None) -> TaxonomistModel:
     """A :class:`TaxonomistModel` from plain config dicts.
 
     backbone: a :class:`Backbone`, its config (``{"name", "pretrained", "trainable", "image_size"}``,
@@ -127,6 +137,8 @@ def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str |
     neck: ``{"hidden": [...], "dropout": ..., "norm": ...}``; None = identity.
     attributes: ``{name: n_classes}`` adds an :class:`AttributeHeads` (outputs ``"attr/<name>"``)
         on the neck's output; None or ``{}`` = none. ``attribute_dropout``: dropout before them.
+    metadata: ``{"component_index": [...], "hidden", "embed_dim", "mode", "dropout"}`` adds a
+        :class:`~taxonomist.data.metadata.MetadataFusion` between the backbone features and the neck.
     """
     if isinstance(backbone, (dict, str)):
         cfg = _as_config(backbone, "backbone")
@@ -144,13 +156,20 @@ def create_model(taxonomy: Taxonomy, backbone: Backbone | dict[str, Any] | str |
         in_features = backbone.num_features
     if in_features is None:
         raise ConfigError("create_model needs in_features when there is no backbone")
+    meta_mod = None
+    if metadata:
+        from ..data.metadata import MetadataFusion
+
+        opts = dict(metadata)
+        meta_mod = MetadataFusion(int(in_features), opts.pop("component_index"), **opts)
+        in_features = meta_mod.out_features
     neck_mod = create_neck(int(in_features), neck)
     head_cfg = _as_config(head, "head")
     head_name = head_cfg.pop("name", "flat")
     head_mod = create_head(head_name, taxonomy, neck_mod.out_features, **head_cfg)
     attr_mod = (AttributeHeads(neck_mod.out_features, attributes, dropout=attribute_dropout)
                 if attributes else None)
-    return TaxonomistModel(backbone, neck_mod, head_mod, attr_mod)
+    return TaxonomistModel(backbone, neck_mod, head_mod, attr_mod, meta_mod)
 
 
 __all__ = ["TaxonomistModel", "create_model", "Neck"]

@@ -39,6 +39,24 @@ class SplitConfig(_Strict):
     seed: int = Field(0, description="Seed of the stratified split.")
 
 
+class MetadataConfig(_Strict):
+    columns: list[str] | Literal["auto"] = Field(
+        "auto", description="Metadata columns (meta_<name> numbers; date/time attr_<name> text), bare or full names; "
+                            "'auto': every meta_ column plus date/time attr_ columns, kinds guessed from the names "
+                            "(lat/lon -> sphere, date -> day of year, time -> time of day, else numeric).")
+    fusion: Literal["concat", "gate"] = Field("concat", description="Join the metadata embedding to the image "
+                                                                    "features ('concat') or gate them ('gate').")
+    hidden: int = Field(64, ge=1, description="Hidden width of the metadata MLP.")
+    embed_dim: int = Field(32, ge=1, description="Size of the metadata embedding.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the metadata embedding.")
+    mask_prob: float | dict[str, Any] = Field(
+        0.3, description="Probability of hiding a sample's metadata during training (a number, or a schedule "
+                         "{start, end, kind: constant|linear|cosine, total_steps} counted in epochs), so the model "
+                         "still works when metadata is missing.")
+    mask_mode: Literal["all", "components"] = Field("all", description="Hide all of a sample's metadata at once, "
+                                                                       "or each field independently.")
+
+
 class DataConfig(_Strict):
     train: str = Field(..., description="Training data: image folder (root/<label>/*.jpg), CSV/TSV table or COCO JSON.")
     val: str | None = Field(None, description="Validation data (same kinds). None: split from train (data.split).")
@@ -50,6 +68,8 @@ class DataConfig(_Strict):
         "header", description="Check images before training: open headers (fast), fully decode, or not at all.")
     split: SplitConfig = SplitConfig()
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    metadata: MetadataConfig | None = Field(None, description="Per-sample metadata fused with the image features "
+                                                              "(docs/scale.md, 'Metadata'); None: no metadata.")
 
 
 class BackboneConfig(_Strict):
@@ -77,12 +97,21 @@ class ModelConfig(_Strict):
     backbone: BackboneConfig = BackboneConfig()
     neck: NeckConfig = NeckConfig()
     head: HeadConfig = HeadConfig()
+    attributes: list[str] = Field(default_factory=list, description="Extra categorical targets, one classifier each "
+                                  "beside the taxonomic head: names of attr_<name> table columns (empty cells = "
+                                  "unknown). Each becomes a task attr/<name> of the loss.")
+    attribute_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the attribute classifiers.")
 
 
 class LossConfig(_Strict):
     model_config = ConfigDict(extra="allow")
     name: str = Field("ce", description="A registered loss (`taxonomist list losses`).")
-    task_weights: dict[str, float] = Field(default_factory=dict, description="Static weight per task name (default 1).")
+    task_weights: dict[str, float] = Field(default_factory=dict, description="Static weight per task name (default 1; "
+                                           "loss.weighting=static only).")
+    weighting: str = Field("static", description="Task weighting: 'static' (loss.task_weights), 'gradnorm' (Chen "
+                                                 "et al. 2018) or 'uncertainty' (Kendall et al. 2018).")
+    weighting_options: dict[str, Any] = Field(default_factory=dict, description="Options of the task weighting, "
+                                              "e.g. {alpha: 1.5, lr: 0.025} for gradnorm (docs/models.md).")
 
 
 class TrainConfig(_Strict):
@@ -99,7 +128,21 @@ class TrainConfig(_Strict):
                                                                            "CUDA devices that support it, off on CPU.")
     compile: bool = Field(False, description="torch.compile the trainable part (CUDA only; ignored on CPU with a note).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
-    augment: bool = Field(False, description="Random flips/rotations (trainable backbone only; cached features are not augmented).")
+    augment: bool | str | dict[str, Any] = Field(
+        False, description="Training augmentation (trainable backbone only: cached features cannot be augmented): "
+                           "false/'none', true/'flips', 'standard', 'randaugment', 'autoaugment', or a mapping "
+                           "{name: ..., erasing: 0.25, ...} (docs/scale.md, 'Augmentation').")
+    mixup: dict[str, Any] | None = Field(
+        None, description="Taxon-grouped mixup/cutmix options, e.g. {mixup_alpha: 0.2, cutmix_alpha: 1.0, prob: 0.5, "
+                          "group_rank: genus}; with a frozen backbone only feature mixup (cutmix_alpha 0). "
+                          "None: off (docs/scale.md, 'Mixup').")
+    accumulation_steps: int = Field(1, ge=1, description="Split each batch into this many micro-batches whose "
+                                                          "gradients are summed before one optimiser step.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
+                                    "(e.g. 0.999); validation, the best checkpoint and the bundle use it.")
+    early_stopping: int | None = Field(None, ge=1, description="Stop when checkpoint.best_metric has not improved "
+                                       "for this many epochs (by more than early_stopping_delta); None: never.")
+    early_stopping_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
     feature_batch_size: int = Field(64, ge=1, description="Batch size for feature extraction.")
     cache_dir: str | None = Field(None, description="Feature cache folder; None: $TAXONOMIST_CACHE or ~/.cache/taxonomist.")
     progress: bool = True

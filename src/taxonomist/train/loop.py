@@ -13,6 +13,7 @@ uses a generator seeded per epoch, so no sampler state is needed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,14 +29,17 @@ from torch import nn
 
 from ..bundle import export_bundle
 from ..data import ImageDataset, Preprocess, build_transform, extract_features
+from ..data.attributes import attribute_accuracy, attribute_targets, attribute_vocab
+from ..data.augment import build_augment
 from ..errors import ConfigError
-from ..losses import StaticWeighting, create_loss
+from ..losses import create_loss, create_weighting, with_attribute_losses
 from ..metrics import compute_metrics
 from ..models import create_backbone, create_model
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..utils.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from .config import Config
 from .distributed import barrier, gather_rows, init_distributed, rank_slice, shutdown
+from .dynamics import EarlyStopping, WeightEMA
 from .logger import MetricLogger
 from .schedule import lr_multiplier
 from .setup import PreparedData, prepare_data
@@ -50,6 +54,19 @@ class RunResult:
     metrics: dict[str, Any]
     epochs_run: int
     resumed_from: int
+    stopped_early: bool = False
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward: inputs, node targets, the training-table rows, the gradient scale, and
+    whether it is the last micro-batch of its optimiser step."""
+
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    rows: torch.Tensor
+    scale: float
+    last: bool
 
 
 def config_hash(cfg: Config) -> str:
@@ -95,13 +112,14 @@ class Trainer:
                                         image_size=bb.image_size, multiscale=bb.multiscale)
         self.preprocess = Preprocess(**self.backbone.preprocess)
         self.frozen = not bb.trainable
+        self._prepare_extras()
         self.model = create_model(
             self.tax, backbone=None if self.frozen else self.backbone, in_features=self.backbone.num_features,
-            neck=cfg.model.neck.model_dump(), head=cfg.model.head.model_dump()).to(self.device)
-        loss_cfg = cfg.loss.model_dump()
-        loss_cfg.pop("task_weights")
-        self.loss_fn = create_loss(loss_cfg.pop("name"), self.tax, self.model.head, **loss_cfg).to(self.device)
-        self.weighting = StaticWeighting(cfg.loss.task_weights)
+            neck=cfg.model.neck.model_dump(), head=cfg.model.head.model_dump(),
+            attributes={n: len(v) for n, v in self.attr_vocab.items()} or None,
+            attribute_dropout=cfg.model.attribute_dropout, metadata=self.fusion_options).to(self.device)
+        self._prepare_loss()
+        self._prepare_augmentation()
         if self.frozen:
             # rank 0 fills the on-disk cache first; the other ranks then read it
             if not self.dist.is_main:
@@ -110,14 +128,21 @@ class Trainer:
             self.val_x = self._features(self.data.val, "val") if self.data.val is not None else None
             if self.dist.is_main:
                 barrier(self.dist)
+        # computing features draws from torch's global generator (DataLoader seeds) and reading them from
+        # the cache does not: re-seed so that a run's result does not depend on whether the cache was warm
+        seed_everything(cfg.seed + 1)
         self.train_y = torch.as_tensor(self.data.train.nodes(), dtype=torch.long)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        extra_params = [p for p in self.weighting.parameters() if p.requires_grad]
+        if extra_params:  # learnable task weights (uncertainty weighting): no weight decay
+            groups.append({"params": extra_params, "weight_decay": 0.0})
         t = cfg.train
         if t.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+            self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                              nesterov=True)
+        self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay else None
         self.steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
         total = self.steps_per_epoch * t.epochs
         warm = int(round(t.warmup_epochs * self.steps_per_epoch))
@@ -141,6 +166,85 @@ class Trainer:
             else:
                 self.log("  note: train.compile is ignored on CPU (no speed-up there)")
 
+    def _prepare_extras(self) -> None:
+        """Attribute vocabularies and targets, and the fitted metadata encoder with the encoded metadata."""
+        cfg = self.cfg
+        self.attr_vocab: dict[str, list[str]] = {}
+        self.train_attr: dict[str, torch.Tensor] = {}
+        self.val_attr: dict[str, torch.Tensor] = {}
+        if cfg.model.attributes:
+            self.attr_vocab = attribute_vocab(self.data.train, cfg.model.attributes, where=cfg.data.train)
+            self.train_attr, _ = attribute_targets(self.data.train, self.attr_vocab, where="training data")
+            if self.data.val is not None:
+                self.val_attr, notes = attribute_targets(self.data.val, self.attr_vocab, where="validation data")
+                for note in notes:
+                    self.log(f"  {note}")
+            self.log(f"  attributes: " + ", ".join(f"{n} ({len(v)} classes)" for n, v in self.attr_vocab.items()))
+        self.meta_encoder = None
+        self.fusion_options: dict[str, Any] | None = None
+        self.train_meta: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.val_meta: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.masker = None
+        mc = cfg.data.metadata
+        if mc is not None:
+            from ..data.metadata import MetadataEncoder, MetadataMasker
+
+            enc = MetadataEncoder.auto(self.data.train if mc.columns == "auto" else list(mc.columns))
+            enc.fit(self.data.train)
+            self.meta_encoder = enc
+            self.train_meta = enc.transform(self.data.train).tensors()
+            if self.data.val is not None:
+                self.val_meta = enc.transform(self.data.val).tensors()
+            self.fusion_options = {"component_index": enc.component_index.tolist(), "hidden": mc.hidden,
+                                   "embed_dim": mc.embed_dim, "mode": mc.fusion, "dropout": mc.dropout}
+            self.masker = MetadataMasker(mc.mask_prob, mode=mc.mask_mode, seed=cfg.seed)
+            present = self.train_meta[1].mean(dim=0).tolist()
+            self.log("  metadata: " + ", ".join(f"{n} ({p:.0%} present)"
+                                                for n, p in zip(enc.component_names, present)))
+
+    def _prepare_loss(self) -> None:
+        cfg = self.cfg
+        loss_cfg = cfg.loss.model_dump()
+        for key in ("task_weights", "weighting", "weighting_options"):
+            loss_cfg.pop(key)
+        loss = create_loss(loss_cfg.pop("name"), self.tax, self.model.head, **loss_cfg)
+        if self.attr_vocab:
+            loss = with_attribute_losses(loss, {n: len(v) for n, v in self.attr_vocab.items()})
+        self.loss_fn = loss.to(self.device)
+        w_opts = dict(cfg.loss.weighting_options)
+        if cfg.loss.weighting == "static":
+            w_opts.setdefault("weights", cfg.loss.task_weights)
+        elif cfg.loss.task_weights:
+            raise ConfigError(f"loss.task_weights are static weights, but loss.weighting={cfg.loss.weighting!r} "
+                              "learns them; remove loss.task_weights (gradnorm takes "
+                              "loss.weighting_options.initial_weights)")
+        if cfg.loss.weighting == "gradnorm":
+            w_opts.setdefault("accumulation_steps", cfg.train.accumulation_steps)
+            w_opts.setdefault("update_every", cfg.train.accumulation_steps)
+        self.weighting = create_weighting(cfg.loss.weighting, tasks=self.loss_fn.tasks, **w_opts).to(self.device)
+        # GradNorm measures each task's gradient at the last layer all tasks share; fails early without one
+        self.shared_params = (self.model.last_shared_parameters() if self.weighting.needs_shared_parameters
+                              else None)
+
+    def _prepare_augmentation(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        aug = {False: "none", True: "flips"}.get(t.augment, t.augment) if isinstance(t.augment, bool) else t.augment
+        if self.frozen and aug != "none":
+            raise ConfigError(f"train.augment={t.augment!r} needs a trainable backbone (model.backbone.trainable=true): "
+                              "a frozen backbone trains on cached features, which cannot be augmented. "
+                              "Set train.augment=false, or use feature mixup (train.mixup={mixup_alpha: 0.2})")
+        self.train_transform = build_augment(self.preprocess, aug) if not self.frozen else None
+        self.mixup = None
+        if t.mixup is not None:
+            from ..data.mixup import TaxonMixup
+
+            opts = dict(t.mixup)
+            if self.frozen and float(opts.get("cutmix_alpha", 0.0)) > 0:
+                raise ConfigError("train.mixup.cutmix_alpha > 0 needs images (model.backbone.trainable=true); with "
+                                  "cached features use mixup only (cutmix_alpha: 0)")
+            opts.setdefault("seed", cfg.seed)
+            self.mixup = TaxonMixup(self.tax, **opts)
+
     def _features(self, table, split: str) -> torch.Tensor:
         self.log(f"features ({split}): {self.backbone.cache_key[:60]}")
         feats = extract_features(self.backbone, self.backbone.cache_key, table, self.preprocess,
@@ -150,69 +254,110 @@ class Trainer:
         return torch.as_tensor(np.asarray(feats, dtype=np.float32))
 
     # ------------------------------------------------------------ batches
-    def _epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
-        """(this rank's row indices, global batch size) for every global batch of the epoch.
+    def _epoch_steps(self, epoch: int) -> list[list[tuple[torch.Tensor, float]]]:
+        """Every optimiser step of the epoch as its micro-batches: (this rank's row indices, gradient scale).
 
-        The permutation depends only on the seed and the epoch, so any world size sees the same batches.
+        The permutation depends only on the seed and the epoch, so any world size sees the same global
+        batches. A global batch is split into ``train.accumulation_steps`` micro-batches (fewer for a
+        tail too small to give every rank a sample in each). The scale ``world * n_rank / n_global``
+        makes the summed, rank-averaged gradient equal the gradient of the global-batch mean even when
+        the shares differ.
         """
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         n = len(self.data.train)
         bs = self.cfg.train.batch_size
+        world = self.dist.world_size
         perm = torch.randperm(n, generator=g)
-        batches = []
+        steps = []
         for lo in range(0, n, bs):
             glob = perm[lo:lo + bs]
-            if self.dist.enabled and len(glob) < self.dist.world_size:
+            if self.dist.enabled and len(glob) < world:
                 continue  # a tail smaller than the number of ranks would leave a rank without data
-            batches.append((rank_slice(glob, self.dist), len(glob)))
-        return batches
+            n_micro = max(1, min(self.cfg.train.accumulation_steps, len(glob) // world))
+            micros = []
+            for chunk in torch.tensor_split(glob, n_micro):
+                idx = rank_slice(chunk, self.dist)
+                micros.append((idx, world * len(idx) / len(glob)))
+            steps.append(micros)
+        return steps
 
-    def _train_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, float]]:
-        """(inputs, targets, gradient scale). Under DDP the scale world * n_rank / n_global makes the
-        averaged gradient equal the gradient of the global-batch mean even when the ranks' shares differ."""
-        batches = self._epoch_batches(epoch)
-        world = self.dist.world_size
-        scales = [world * len(idx) / n for idx, n in batches]
+    def _train_batches(self, epoch: int) -> Iterator[MicroBatch]:
+        steps = self._epoch_steps(epoch)
+        flat = [(idx, scale, j == len(micros) - 1) for micros in steps for j, (idx, scale) in enumerate(micros)]
         if self.frozen:
-            for (idx, _), scale in zip(batches, scales):
-                yield {"features": self.train_x[idx].to(self.device)}, self.train_y[idx].to(self.device), scale
+            for idx, scale, last in flat:
+                yield MicroBatch({"features": self.train_x[idx].to(self.device)}, self.train_y[idx].to(self.device),
+                                 idx, scale, last)
         else:
-            ds = ImageDataset(self.data.train, build_transform(self.preprocess, train=self.cfg.train.augment))
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=[idx.tolist() for idx, _ in batches],
-                                                 num_workers=self.cfg.data.num_workers)
-            for (images, nodes, _), scale in zip(loader, scales):
-                yield {"images": images.to(self.device)}, nodes.to(self.device), scale
+            ds = ImageDataset(self.data.train, self.train_transform)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=[idx.tolist() for idx, _, _ in flat],
+                                                 num_workers=self.cfg.data.num_workers,
+                                                 pin_memory=self.device.type == "cuda")
+            for (images, nodes, rows), (_, scale, last) in zip(loader, flat):
+                yield MicroBatch({"images": images.to(self.device, non_blocking=True)}, nodes.to(self.device),
+                                 rows, scale, last)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation uses: the EMA average when train.ema_decay is set."""
+        return self.ema.module if self.ema is not None else self.model
 
     @torch.no_grad()
-    def predict_label_probs(self, table=None, features: torch.Tensor | None = None) -> np.ndarray:
-        self.model.eval()
-        out = []
+    def predict_outputs(self, table=None, features: torch.Tensor | None = None,
+                        metadata: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(label probabilities [N, n_labels], attribute logits {"attr/<name>": [N, C]}) for a table or
+        cached features; ``metadata``: (values, mask) rows aligned with them, or None (no metadata)."""
+        model = self.eval_model
+        model.eval()
+        out: list[torch.Tensor] = []
+        attrs: dict[str, list[torch.Tensor]] = {}
         bs = max(self.cfg.train.batch_size, 256)
+
+        def run(lo: int, **inputs: torch.Tensor) -> None:
+            if metadata is not None:
+                inputs["metadata"] = metadata[0][lo:lo + len(next(iter(inputs.values())))].to(self.device)
+                inputs["metadata_mask"] = metadata[1][lo:lo + len(inputs["metadata"])].to(self.device)
+            with self.autocast():
+                o = model(**inputs)
+            out.append(model.label_log_probs(o).float().exp().cpu())
+            for k in self.val_attr:
+                attrs.setdefault(k, []).append(o[k].float().cpu())
+
         if features is not None:
             for lo in range(0, len(features), bs):
-                with self.autocast():
-                    o = self.model(features=features[lo:lo + bs].to(self.device))
-                out.append(self.model.label_log_probs(o).float().exp().cpu())
+                run(lo, features=features[lo:lo + bs].to(self.device))
         else:
             ds = ImageDataset(table, build_transform(self.preprocess, train=False))
             loader = torch.utils.data.DataLoader(ds, batch_size=bs, num_workers=self.cfg.data.num_workers)
+            lo = 0
             for images, _, _ in loader:
-                with self.autocast():
-                    o = self.model(images=images.to(self.device))
-                out.append(self.model.label_log_probs(o).float().exp().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.tax.n_labels), dtype=np.float32)
+                run(lo, images=images.to(self.device))
+                lo += len(images)
+        probs = torch.cat(out).numpy() if out else np.zeros((0, self.tax.n_labels), dtype=np.float32)
+        return probs, {k: torch.cat(v).numpy() for k, v in attrs.items()}
 
-    def _validate(self) -> dict[str, Any]:
+    def predict_label_probs(self, table=None, features: torch.Tensor | None = None) -> np.ndarray:
+        return self.predict_outputs(table, features)[0]
+
+    def _validate(self, use_metadata: bool = True) -> dict[str, Any]:
         """Metrics over the whole validation set (each rank predicts a contiguous block; blocks are gathered)."""
         if self.data.val is None or len(self.data.val) == 0:
             return {}
         rows = np.array_split(np.arange(len(self.data.val)), self.dist.world_size)[self.dist.rank]
+        trows = torch.as_tensor(rows)
+        meta = None
+        if self.val_meta is not None and use_metadata:
+            meta = (self.val_meta[0][trows], self.val_meta[1][trows])
         if self.frozen:
-            local = self.predict_label_probs(features=self.val_x[torch.as_tensor(rows)])
+            local, attrs = self.predict_outputs(features=self.val_x[trows], metadata=meta)
         else:
-            local = self.predict_label_probs(self.data.val.select(rows))
+            local, attrs = self.predict_outputs(self.data.val.select(rows), metadata=meta)
         probs = gather_rows(local, self.dist)
         m = compute_metrics(self.tax, probs, self.data.val.nodes(), ranks=self.cfg.ranks)
+        if self.val_attr:
+            gathered = {k: torch.as_tensor(gather_rows(v, self.dist)) for k, v in attrs.items()}
+            m.update(attribute_accuracy(gathered, self.val_attr))
         return {f"val/{k}": v for k, v in m.items()}
 
     # ------------------------------------------------------------ checkpoints
@@ -221,7 +366,9 @@ class Trainer:
             "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "best": best, "history": history, "config_hash": config_hash(self.cfg),
-            "taxonomy": self.tax.fingerprint,
+            "taxonomy": self.tax.fingerprint, "weighting": self.weighting.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best_epoch": self.best_epoch,
         }
 
     def _resume(self) -> dict[str, Any] | None:
@@ -240,6 +387,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.weighting.load_state_dict(state["weighting"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.best_epoch = int(state.get("best_epoch") or 0)
         set_rng_state(state["rng"])
         return state
 
@@ -271,23 +422,35 @@ class Trainer:
 
             save_taxonomy(self.tax, self.run_dir / "taxonomy.json")
         barrier(self.dist)
+        self.best_epoch = 0
         state = self._resume()
         start = state["epoch"] if state else 0
         best = state["best"] if state else None
         history = list(state["history"]) if state else []
         if state:
             self.log(f"resuming from {self.ckpt_dir / 'last.pt'} (epoch {start} of {cfg.train.epochs} done)")
+        if history and history[-1].get("stopped_early"):
+            self.log(f"this run already stopped early at epoch {start}; exporting its best checkpoint")
+            self.last_epoch = start
+            return self._finish(start, best, True)
         logger = MetricLogger(self.run_dir, history, start_epoch=start, tensorboard=self.dist.is_main,
                               write=self.dist.is_main)
         logger.add_text("config", "```\n" + cfg.to_yaml() + "\n```")
         logger.add_text("taxonomy", self.tax.fingerprint)
         mode = cfg.checkpoint.best_mode
         key = f"val/{cfg.checkpoint.best_metric}"
+        stopper = (EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping_delta, mode,
+                                 best_epoch=self.best_epoch, best=best) if cfg.train.early_stopping else None)
+        stopped = False
+        self.last_epoch = start
         for epoch in range(start + 1, cfg.train.epochs + 1):
+            self.last_epoch = epoch
             t0 = time.time()
             task_sums = self._train_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update({f"train/{k}": v for k, v in task_sums.items()})
+            if len(self.loss_fn.tasks) > 1 or cfg.loss.weighting != "static":
+                row.update({f"weight/{k}": v for k, v in self.weighting.current_weights().items()})
             row.update(self._validate())
             row["time_s"] = time.time() - t0
             value = row.get(key)
@@ -298,34 +461,78 @@ class Trainer:
             if is_best or (value is None and epoch == cfg.train.epochs):
                 best = value
                 is_best = True
+            if is_best:
+                self.best_epoch = epoch
+            stopped = stopper is not None and stopper.step(epoch, value)
+            if stopped:
+                row["stopped_early"] = 1
             logger.log(row)
             self._save_epoch(epoch, best, logger.history, is_best)
             self.log(_epoch_line(row, cfg.train.epochs))
+            if stopped:
+                self.log(f"early stopping: {cfg.checkpoint.best_metric} has not improved for "
+                         f"{cfg.train.early_stopping} epochs (best {best:.4f} at epoch {self.best_epoch})")
+                break
         logger.close()
-        return self._finish(start, best)
+        return self._finish(start, best, stopped)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
+        cfg = self.cfg
         sums: dict[str, float] = {}
         count = 0
-        batches = self._train_batches(epoch)
+        # random draws of mixup and metadata masking are seeded per epoch, so a resumed run repeats them
+        if self.mixup is not None:
+            self.mixup.rng = np.random.default_rng([cfg.seed, epoch])
+        if self.masker is not None:
+            self.masker.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        micro_step = (epoch - 1) * self.steps_per_epoch * cfg.train.accumulation_steps
+        batches: Any = self._train_batches(epoch)
         if self.progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False)
-        for inputs, targets, grad_scale in batches:
-            with self.autocast():
-                outputs = self.step_fn(**inputs)
-                losses = self.loss_fn(outputs, targets)
+            batches = tqdm(batches, total=self.steps_per_epoch * cfg.train.accumulation_steps,
+                           desc=f"epoch {epoch}", leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in batches:
+            targets = mb.targets
+            (x_key, x), = mb.inputs.items()
+            extra = {k: v[mb.rows].to(self.device) for k, v in self.train_attr.items()} or None
+            kwargs: dict[str, torch.Tensor] = {}
+            if self.train_meta is not None:
+                kwargs["metadata"] = self.train_meta[0][mb.rows].to(self.device)
+                kwargs["metadata_mask"] = self.masker(self.train_meta[1][mb.rows], step=epoch - 1).to(self.device)
+            mixed = self.mixup(x, targets, step=epoch - 1) if self.mixup is not None else None
+            if mixed is not None:
+                x = mixed.inputs
+            if hasattr(self.loss_fn, "set_step"):
+                self.loss_fn.set_step(micro_step)
+            sync = mb.last or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.step_fn.no_sync():
+                with self.autocast():
+                    outputs = self.step_fn(**{x_key: x}, targets=mixed.targets if mixed is not None else targets,
+                                           **kwargs)
+                    if mixed is None or mixed.mode == "none":
+                        losses = self.loss_fn(outputs, targets, extra)
+                    else:  # soft targets: lam * loss(own target) + (1 - lam) * loss(partner's target)
+                        la = self.loss_fn(outputs, mixed.targets_a, extra)
+                        extra_b = {k: v[mixed.perm] for k, v in extra.items()} if extra else None
+                        lb = self.loss_fn(outputs, mixed.targets_b, extra_b)
+                        losses = {k: mixed.lam * la[k] + (1.0 - mixed.lam) * lb[k] for k in la}
+                self.weighting.update(losses, self.shared_params, micro_step)
                 total = self.weighting(losses)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total * grad_scale if grad_scale != 1.0 else total).backward()
-            if self.cfg.train.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+                self.scaler.scale(total * mb.scale if mb.scale != 1.0 else total).backward()
+            micro_step += 1
+            if mb.last:
+                if cfg.train.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
             n = len(targets)
             count += n
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * n
@@ -340,29 +547,38 @@ class Trainer:
             sums, count = dict(zip(keys, buf[:-1].tolist())), int(buf[-1])
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _finish(self, start: int, best: float | None) -> RunResult:
+    def _finish(self, start: int, best: float | None, stopped: bool = False) -> RunResult:
         best_path = self.ckpt_dir / "best.pt"
         state = torch.load(best_path if best_path.exists() else self.ckpt_dir / "last.pt", map_location="cpu",
                            weights_only=False)
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:  # the averaged weights are the result
+            self.ema.load_state_dict(state["ema"])
+            self.model.load_state_dict(self.ema.module.state_dict())
+            self.ema = None
         metrics = self._validate()
         metrics = {k[4:]: v for k, v in metrics.items()}
+        if metrics and self.val_meta is not None:  # the same model when metadata is missing
+            metrics.update({f"no_metadata/{k[4:]}": v for k, v in self._validate(use_metadata=False).items()})
         bundle_dir = self.run_dir / "bundle"
+        epochs_run = self.last_epoch - start
         if not self.dist.is_main:
             barrier(self.dist)
             shutdown(self.dist)
-            return RunResult(self.run_dir, bundle_dir, metrics, self.cfg.train.epochs - start, start)
+            return RunResult(self.run_dir, bundle_dir, metrics, epochs_run, start, stopped)
         if metrics:
             metrics["epoch"] = state["epoch"]
             atomic_write_json(self.run_dir / "metrics.json", metrics)
+        extra: dict[str, Any] = {"epoch": state["epoch"], "val_metrics": metrics,
+                                 "threshold": self.cfg.predict.threshold, "attributes": self.attr_vocab}
+        if self.meta_encoder is not None:
+            extra["metadata"] = {"encoder": self.meta_encoder.to_json(), "fusion": self.fusion_options}
         bundle_dir = export_bundle(self.run_dir / "bundle", model=self.model, backbone=self.backbone,
-                                   taxonomy=self.tax, preprocess=self.preprocess, config=self.cfg,
-                                   extra={"epoch": state["epoch"], "val_metrics": metrics,
-                                          "threshold": self.cfg.predict.threshold})
+                                   taxonomy=self.tax, preprocess=self.preprocess, config=self.cfg, extra=extra)
         self.log(f"bundle: {bundle_dir}")
         barrier(self.dist)
         shutdown(self.dist)
-        return RunResult(self.run_dir, bundle_dir, metrics, self.cfg.train.epochs - start, start)
+        return RunResult(self.run_dir, bundle_dir, metrics, epochs_run, start, stopped)
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
