@@ -28,6 +28,14 @@ def _type(ann) -> str:
     return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
 
 
+def _optional_section(ann) -> type[BaseModel] | None:
+    """The section model of an ``X | None`` annotation whose X is a section."""
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
 def tables(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     rows, subs = [], []
     for name, f in model.model_fields.items():
@@ -35,6 +43,9 @@ def tables(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             subs.append((name, ann))
             continue
+        optional_section = _optional_section(ann)
+        if optional_section is not None:  # e.g. data.metadata: None or a section; document both
+            subs.append((name, optional_section))
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append(f"| `{prefix}{name}` | {_type(ann)} | `{default}` | {f.description or ''} |")
     out = []

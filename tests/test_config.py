@@ -70,13 +70,18 @@ def test_shipped_configs_validate():
 def test_every_config_key_is_documented():
     doc = (REPO / "docs" / "config.md").read_text()
 
+    import typing
+
     def keys(model, prefix=""):
         for name, field in model.model_fields.items():
             ann = field.annotation
+            section = [a for a in typing.get_args(ann) if hasattr(a, "model_fields")]  # X | None sections
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 yield from keys(ann, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"
+                if section:
+                    yield from keys(section[0], f"{prefix}{name}.")
 
     missing = [k for k in keys(Config) if f"`{k}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"

@@ -178,21 +178,54 @@ def test_feature_mixup_trains_and_bad_combinations_are_errors(tmp_path, small_se
         _run(tmp_path, small_set, demo, cache_dir, "aug_bad", ["train.augment=standard"])
 
 
-@pytest.mark.slow
-def test_trainable_backbone_with_randaugment_and_cutmix(tmp_path, demo, cache_dir):
-    """A fine-tuned backbone with a named augmentation preset and image cutmix (2 classes, real images)."""
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory, demo) -> Path:
+    """12 train / 4 val real images of two classes, for runs that fine-tune the backbone."""
     rows = []
     for cls in ("copepod_calanoid", "diatom_chain_string"):
         for split, sl in (("train", slice(0, 12)), ("val", slice(12, 16))):
             for img in sorted((demo / "train" / cls).glob("*.jpg"))[sl]:
                 rows.append({"path": str(img), "label": cls, "split": split})
     df = pd.DataFrame(rows)
-    small = tmp_path / "two"
-    small.mkdir()
+    out = tmp_path_factory.mktemp("two")
     for split in ("train", "val"):
-        df[df.split == split].drop(columns="split").to_csv(small / f"{split}.csv", index=False)
+        df[df.split == split].drop(columns="split").to_csv(out / f"{split}.csv", index=False)
+    return out
+
+
+@pytest.mark.slow
+def test_trainable_backbone_with_randaugment_and_cutmix(tmp_path, two_classes, demo, cache_dir):
+    """A fine-tuned backbone with a named augmentation preset and image cutmix."""
     over = ["model.backbone.trainable=true", "train.augment={name: randaugment, erasing: 0.25}",
             "train.mixup={mixup_alpha: 0.2, cutmix_alpha: 1.0, cutmix_prob: 1.0}"]
-    res = _run(tmp_path, small, demo, cache_dir, "ft", over, epochs=1, batch_size=8)
+    res = _run(tmp_path, two_classes, demo, cache_dir, "ft", over, epochs=1, batch_size=8)
     assert np.isfinite(_history(res)["train/loss"]).all()
     assert res.metrics["n_samples"] == 8
+
+
+@pytest.mark.slow
+def test_lora_run_exports_a_bundle_that_loads_without_peft(tmp_path, two_classes, demo, cache_dir, monkeypatch):
+    pytest.importorskip("peft")
+    over = ["model.backbone.lora={r: 4, alpha: 8}", "train.auto_batch_size=true"]
+    res = _run(tmp_path, two_classes, demo, cache_dir, "lora", over, epochs=2, batch_size=8)
+    best = torch.load(res.run_dir / "checkpoints" / "best.pt", weights_only=False)
+    lora_keys = [k for k in best["model"] if "lora_" in k]
+    assert lora_keys  # the adapters were trained and checkpointed
+    assert json.loads((res.run_dir / "batch_size.json").read_text())["batch_size"] == 8  # CPU: no probing
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("peft blocked for this test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    bundle = load_bundle(res.bundle_dir)
+    assert not any("lora_" in k for k in bundle.model.state_dict())  # merged into plain weights
+    assert bundle.meta["backbone"]["lora"]["r"] == 4
+    val = load_samples(str(two_classes / "val.csv"), bundle.taxonomy)
+    probs = bundle.label_probs(val, cache_dir=cache_dir, progress=False)
+    err = float((bundle.taxonomy.label_ids[probs.argmax(1)] != val.nodes()).mean())
+    assert err == pytest.approx(res.metrics["top1_error"], abs=1e-6)

@@ -50,7 +50,9 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module,
     atomic_write_text(out / "config.yaml", config.to_yaml())
     meta = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
-        "backbone": {"name": bb.name, "pretrained": bb.pretrained, "trainable": bb.trainable,
+        "backbone": {"name": bb.name, "pretrained": bb.pretrained,
+                     "trainable": bb.trainable or getattr(bb, "lora", None) is not None,
+                     "lora": bb.lora.model_dump() if getattr(bb, "lora", None) is not None else None,
                      "multiscale": bb.multiscale,
                      "weights_key": backbone.weights_key, "num_features": backbone.num_features,
                      "in_model_state": includes_backbone},
@@ -108,7 +110,9 @@ class Bundle:
                 return {}
             return {"metadata": meta[0][lo:lo + n].to(self.device), "metadata_mask": meta[1][lo:lo + n].to(self.device)}
 
-        if not self.meta["backbone"]["trainable"] and cache_dir is not None:
+        # the feature cache only serves a packaged frozen backbone (a trained one's features are its own)
+        if not (self.meta["backbone"]["trainable"] or self.meta["backbone"]["in_model_state"]) \
+                and cache_dir is not None:
             feats = extract_features(self.model.backbone, self.model.backbone.cache_key, table, self.preprocess,
                                      cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
                                      device=self.device, progress=progress)

@@ -51,7 +51,7 @@ class MetadataConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the metadata embedding.")
     mask_prob: float | dict[str, Any] = Field(
         0.3, description="Probability of hiding a sample's metadata during training (a number, or a schedule "
-                         "{start, end, kind: constant|linear|cosine, total_steps} counted in epochs), so the model "
+                         "{start, end, kind (constant, linear or cosine), total_steps} counted in epochs), so the model "
                          "still works when metadata is missing.")
     mask_mode: Literal["all", "components"] = Field("all", description="Hide all of a sample's metadata at once, "
                                                                        "or each field independently.")
@@ -72,6 +72,17 @@ class DataConfig(_Strict):
                                                               "(docs/scale.md, 'Metadata'); None: no metadata.")
 
 
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="Rank of each low-rank update (4-16 is usual).")
+    alpha: float = Field(16.0, gt=0, description="Scale: the update is multiplied by alpha / r (2 r is usual).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on each adapter's input during training.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Layers to adapt: null = every Linear and 1x1 Conv2d (docs/scale.md, 'LoRA adapters'); "
+                          "a list of layer names or name suffixes; or one regular expression.")
+    train_norm: bool = Field(False, description="Also train normalisation layers (BatchNorm then updates its "
+                                                "statistics).")
+
+
 class BackboneConfig(_Strict):
     name: str = Field("efficientnet_lite0", description="'efficientnet_lite0' (offline ImageNet weights) or any timm model name.")
     pretrained: bool | str = Field(True, description="True: packaged weights (efficientnet_lite0 only); a path: local "
@@ -80,6 +91,8 @@ class BackboneConfig(_Strict):
     image_size: int | None = Field(None, ge=16, description="Input size in pixels; None: the backbone's default.")
     multiscale: bool = Field(False, description="efficientnet_lite0 only: concatenate pooled mid-level stage outputs "
                                                 "with the head (1984 features; better transfer to plankton, same cost).")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters (needs peft: pip install 'taxonomist[lora]'): the "
+                                    "backbone trains through them only and gets images, not cached features. None: off.")
 
 
 class NeckConfig(_Strict):
@@ -138,6 +151,9 @@ class TrainConfig(_Strict):
                           "None: off (docs/scale.md, 'Mixup').")
     accumulation_steps: int = Field(1, ge=1, description="Split each batch into this many micro-batches whose "
                                                           "gradients are summed before one optimiser step.")
+    auto_batch_size: bool = Field(False, description="Find the largest micro-batch that fits in GPU memory (CUDA/MPS); "
+                                  "train.batch_size stays the optimiser-step batch, split into micro-batches when it "
+                                  "does not fit (the choice is kept in the run folder for resume). CPU: no search, a note.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
                                     "(e.g. 0.999); validation, the best checkpoint and the bundle use it.")
     early_stopping: int | None = Field(None, ge=1, description="Stop when checkpoint.best_metric has not improved "

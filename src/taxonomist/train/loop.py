@@ -110,8 +110,18 @@ class Trainer:
         bb = cfg.model.backbone
         self.backbone = create_backbone(bb.name, pretrained=bb.pretrained, trainable=bb.trainable,
                                         image_size=bb.image_size, multiscale=bb.multiscale)
+        if bb.lora is not None:
+            from ..models.lora import apply_lora
+
+            if bb.trainable:
+                self.log("  note: model.backbone.lora is set: the backbone's own weights stay frozen, only its "
+                         "adapters train")
+            apply_lora(self.backbone, r=bb.lora.r, alpha=bb.lora.alpha, dropout=bb.lora.dropout,
+                       target_modules=bb.lora.target_modules, train_norm=bb.lora.train_norm, seed=cfg.seed,
+                       log=lambda m: self.log(f"  {m}"))
         self.preprocess = Preprocess(**self.backbone.preprocess)
-        self.frozen = not bb.trainable
+        self.frozen = not (bb.trainable or bb.lora is not None)
+        self.accumulation_steps = cfg.train.accumulation_steps
         self._prepare_extras()
         self.model = create_model(
             self.tax, backbone=None if self.frozen else self.backbone, in_features=self.backbone.num_features,
@@ -211,6 +221,8 @@ class Trainer:
         if self.attr_vocab:
             loss = with_attribute_losses(loss, {n: len(v) for n, v in self.attr_vocab.items()})
         self.loss_fn = loss.to(self.device)
+        if cfg.train.auto_batch_size:
+            self._auto_batch_size()
         w_opts = dict(cfg.loss.weighting_options)
         if cfg.loss.weighting == "static":
             w_opts.setdefault("weights", cfg.loss.task_weights)
@@ -219,12 +231,44 @@ class Trainer:
                               "learns them; remove loss.task_weights (gradnorm takes "
                               "loss.weighting_options.initial_weights)")
         if cfg.loss.weighting == "gradnorm":
-            w_opts.setdefault("accumulation_steps", cfg.train.accumulation_steps)
-            w_opts.setdefault("update_every", cfg.train.accumulation_steps)
+            w_opts.setdefault("accumulation_steps", self.accumulation_steps)
+            w_opts.setdefault("update_every", self.accumulation_steps)
         self.weighting = create_weighting(cfg.loss.weighting, tasks=self.loss_fn.tasks, **w_opts).to(self.device)
         # GradNorm measures each task's gradient at the last layer all tasks share; fails early without one
         self.shared_params = (self.model.last_shared_parameters() if self.weighting.needs_shared_parameters
                               else None)
+
+    def _auto_batch_size(self) -> None:
+        """Split each optimiser step into micro-batches that fit the device (train.auto_batch_size)."""
+        from .batch_search import search_batch_size
+
+        t, world = self.cfg.train, self.dist.world_size
+        per_rank = t.batch_size // world
+        path = self.run_dir / "batch_size.json"
+        if path.exists():  # a resumed run keeps its micro-batch
+            micro, reason = int(json.loads(path.read_text())["batch_size"]), f"from {path}"
+        else:
+            autocast, _ = autocast_for(self.device, t.amp)
+            s = self.preprocess.image_size
+            res = search_batch_size(
+                self.model, input_shape=(self.backbone.num_features,) if self.frozen else (3, s, s),
+                input_key="features" if self.frozen else "images", loss_fn=self.loss_fn, device=self.device,
+                autocast=autocast,
+                optimizer_state_factor=(2.0 if t.optimizer == "adamw" else 1.0) + (1.0 if t.ema_decay else 0.0),
+                max_batch=per_rank, fallback=per_rank)
+            micro, reason = res.batch_size, res.reason
+            if self.dist.enabled:  # every rank probes its own device; all use the smallest
+                import torch.distributed as tdist
+
+                buf = torch.tensor([micro], device=self.device)
+                tdist.all_reduce(buf, op=tdist.ReduceOp.MIN)
+                micro = int(buf.item())
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(path, {**res.to_json(), "batch_size": micro})
+        self.accumulation_steps = max(t.accumulation_steps, math.ceil(per_rank / micro))
+        self.log(f"  batch size: micro-batch {micro} ({reason}); {self.accumulation_steps} micro-batch(es) per "
+                 f"step of {t.batch_size}")
 
     def _prepare_augmentation(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -273,7 +317,7 @@ class Trainer:
             glob = perm[lo:lo + bs]
             if self.dist.enabled and len(glob) < world:
                 continue  # a tail smaller than the number of ranks would leave a rank without data
-            n_micro = max(1, min(self.cfg.train.accumulation_steps, len(glob) // world))
+            n_micro = max(1, min(self.accumulation_steps, len(glob) // world))
             micros = []
             for chunk in torch.tensor_split(glob, n_micro):
                 idx = rank_slice(chunk, self.dist)
@@ -486,12 +530,12 @@ class Trainer:
             self.mixup.rng = np.random.default_rng([cfg.seed, epoch])
         if self.masker is not None:
             self.masker.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        micro_step = (epoch - 1) * self.steps_per_epoch * cfg.train.accumulation_steps
+        micro_step = (epoch - 1) * self.steps_per_epoch * self.accumulation_steps
         batches: Any = self._train_batches(epoch)
         if self.progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=self.steps_per_epoch * cfg.train.accumulation_steps,
+            batches = tqdm(batches, total=self.steps_per_epoch * self.accumulation_steps,
                            desc=f"epoch {epoch}", leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for mb in batches:
@@ -573,7 +617,13 @@ class Trainer:
                                  "threshold": self.cfg.predict.threshold, "attributes": self.attr_vocab}
         if self.meta_encoder is not None:
             extra["metadata"] = {"encoder": self.meta_encoder.to_json(), "fusion": self.fusion_options}
-        bundle_dir = export_bundle(self.run_dir / "bundle", model=self.model, backbone=self.backbone,
+        export_model, export_bb = self.model, self.backbone
+        if self.cfg.model.backbone.lora is not None:  # fold the adapters in: the bundle loads without peft
+            from ..models.lora import merge_lora
+
+            export_model = merge_lora(self.model, inplace=False)
+            export_bb = export_model.backbone
+        bundle_dir = export_bundle(self.run_dir / "bundle", model=export_model, backbone=export_bb,
                                    taxonomy=self.tax, preprocess=self.preprocess, config=self.cfg, extra=extra)
         self.log(f"bundle: {bundle_dir}")
         barrier(self.dist)
