@@ -139,6 +139,17 @@ def test_attribute_heads_train_and_are_scored(tmp_path, shaped_set, demo, cache_
     bundle = json.loads((res.bundle_dir / "bundle.json").read_text())
     assert bundle["attributes"] == {"shape": ["square", "tall", "wide"]}
     assert load_bundle(res.bundle_dir).model.attributes is not None
+    # predict writes the attribute's class and score beside the taxon
+    out = tmp_path / "p.csv"
+    from taxonomist.cli.main import main as cli
+
+    assert cli(["predict", str(res.bundle_dir), str(shaped_set / "val.csv"), "-o", str(out), "--no-progress",
+                "--cache-dir", str(cache_dir)]) == 0
+    pred = pd.read_csv(out)
+    assert set(pred["attr_shape"]) <= {"square", "tall", "wide"}
+    assert pred["attr_shape_score"].between(1 / 3, 1).all()
+    agree = (pred["attr_shape"].to_numpy() == val["attr_shape"].to_numpy()).mean()
+    assert agree == pytest.approx(acc, abs=1e-9)  # the same model as the run's validation
     with pytest.raises(Exception, match="attr_colour"):
         _run(tmp_path, shaped_set, demo, cache_dir, "attr_bad", ["model.attributes=[colour]"])
 

@@ -87,10 +87,21 @@ class Bundle:
         """The calibrated softmax temperature (1.0 when the bundle is not calibrated)."""
         return float(self.calibration.get("temperature") or 1.0)
 
-    @torch.no_grad()
+    @property
+    def attributes(self) -> dict[str, list[str]]:
+        """``{name: class values}`` of the attribute heads (empty without any)."""
+        return dict(self.meta.get("attributes") or {})
+
     def label_probs(self, table, *, cache_dir: Path | None = None, batch_size: int = 64, num_workers: int = 0,
                     progress: bool = True, calibrated: bool = True) -> np.ndarray:
-        """Probabilities over label nodes for every row of a SampleTable.
+        """Probabilities over label nodes for every row of a SampleTable (see :meth:`predict`)."""
+        return self.predict(table, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, calibrated=calibrated)[0]
+
+    @torch.no_grad()
+    def predict(self, table, *, cache_dir: Path | None = None, batch_size: int = 64, num_workers: int = 0,
+                progress: bool = True, calibrated: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(probabilities over label nodes, ``{attribute name: class probabilities}``) for every row.
 
         A frozen backbone goes through the feature cache (so evaluating the
         training run's validation set costs nothing). Each image's result is
@@ -104,6 +115,12 @@ class Bundle:
         temperature = self.temperature if calibrated else 1.0
         meta = self.encode_metadata(table)
         outs = []
+        attrs: dict[str, list[np.ndarray]] = {name: [] for name in self.attributes}
+
+        def collect(o: dict[str, torch.Tensor]) -> None:
+            outs.append(self._probs(o, temperature))
+            for name in attrs:
+                attrs[name].append(torch.softmax(o[f"attr/{name}"].float(), dim=-1).cpu().numpy())
 
         def kwargs(lo: int, n: int) -> dict[str, torch.Tensor]:
             if meta is None:
@@ -119,19 +136,19 @@ class Bundle:
             feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
             for lo in range(0, len(feats), 1024):
                 chunk = feats[lo:lo + 1024]
-                o = self.model(features=chunk.to(self.device), **kwargs(lo, len(chunk)))
-                outs.append(self._probs(o, temperature))
+                collect(self.model(features=chunk.to(self.device), **kwargs(lo, len(chunk))))
         else:
             ds = ImageDataset(table, build_transform(self.preprocess, train=False))
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
             lo = 0
             for images, _, _ in loader:
-                o = self.model(images=images.to(self.device), **kwargs(lo, len(images)))
-                outs.append(self._probs(o, temperature))
+                collect(self.model(images=images.to(self.device), **kwargs(lo, len(images))))
                 lo += len(images)
         if not outs:
-            return np.zeros((0, self.taxonomy.n_labels), dtype=np.float64)
-        return np.concatenate(outs).astype(np.float64)
+            return (np.zeros((0, self.taxonomy.n_labels), dtype=np.float64),
+                    {n: np.zeros((0, len(c))) for n, c in self.attributes.items()})
+        return (np.concatenate(outs).astype(np.float64),
+                {name: np.concatenate(parts).astype(np.float64) for name, parts in attrs.items()})
 
     @property
     def metadata_encoder(self):

@@ -57,6 +57,16 @@ def decision_options(args: argparse.Namespace, bundle) -> dict:
     return {}
 
 
+def add_attribute_columns(rows: list[dict], classes: dict[str, list[str]], probs: dict) -> None:
+    """``attr_<name>`` (the most probable class) and ``attr_<name>_score`` for each attribute head."""
+    for name, values in classes.items():
+        best = probs[name].argmax(axis=1)
+        score = probs[name].max(axis=1)
+        for r, b, p in zip(rows, best, score):
+            r[f"attr_{name}"] = values[int(b)]
+            r[f"attr_{name}_score"] = float(p)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bundle import load_bundle
     from ..data import load_images
@@ -66,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if args.no_calibration:
         bundle.calibration = {}   # in memory only: bundle.json keeps it
     table = load_images(args.inputs, bundle.taxonomy)
-    probs = bundle.label_probs(table, cache_dir=cache_dir_for(args), batch_size=args.batch_size,
-                               num_workers=args.num_workers, progress=not args.no_progress)
+    probs, attr_probs = bundle.predict(table, cache_dir=cache_dir_for(args), batch_size=args.batch_size,
+                                       num_workers=args.num_workers, progress=not args.no_progress)
     rows = prediction_rows(bundle.taxonomy, table, probs, method=args.decision, top_k=args.top_k,
                            **decision_options(args, bundle))
+    add_attribute_columns(rows, bundle.attributes, attr_probs)
     if args.output:
         out = write_predictions(rows, args.output)
         print(f"{len(rows)} predictions written to {out}")

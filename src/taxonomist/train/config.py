@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 
@@ -162,6 +162,22 @@ class TrainConfig(_Strict):
     feature_batch_size: int = Field(64, ge=1, description="Batch size for feature extraction.")
     cache_dir: str | None = Field(None, description="Feature cache folder; None: $TAXONOMIST_CACHE or ~/.cache/taxonomist.")
     progress: bool = True
+    tracking: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Experiment trackers that receive "
+                                "the config, the taxonomy fingerprint and every epoch's metrics: tensorboard, wandb, "
+                                "mlflow (docs/tracking.md); []: metrics.csv only.")
+    tracking_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Options by tracker, e.g. {wandb: {project: p, entity: e, mode: offline}, "
+                                          "mlflow: {tracking_uri: 'http://host:5000', experiment: plankton}}.")
+
+    @model_validator(mode="after")
+    def _check_tracking(self) -> TrainConfig:
+        from .tracking import check_tracking_config
+
+        try:
+            check_tracking_config(self.tracking, self.tracking_options)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class CheckpointConfig(_Strict):

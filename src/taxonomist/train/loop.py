@@ -41,6 +41,7 @@ from .config import Config
 from .distributed import barrier, gather_rows, init_distributed, rank_slice, shutdown
 from .dynamics import EarlyStopping, WeightEMA
 from .logger import MetricLogger
+from .tracking import create_trackers
 from .schedule import lr_multiplier
 from .setup import PreparedData, prepare_data
 
@@ -75,6 +76,8 @@ def config_hash(cfg: Config) -> str:
     d["train"].pop("progress", None)
     d["train"].pop("device", None)
     d["data"].pop("num_workers", None)
+    d["train"].pop("tracking", None)  # adding a tracker to a run must not block its resume
+    d["train"].pop("tracking_options", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -458,6 +461,8 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg = self.cfg
         self.log(f"run: {self.run_dir}")
+        # trackers first: a missing optional package stops the run before feature extraction
+        trackers = create_trackers(cfg.train.tracking, cfg.train.tracking_options) if self.dist.is_main else []
         self._prepare()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -471,22 +476,34 @@ class Trainer:
         start = state["epoch"] if state else 0
         best = state["best"] if state else None
         history = list(state["history"]) if state else []
+        self.last_epoch = start
         if state:
             self.log(f"resuming from {self.ckpt_dir / 'last.pt'} (epoch {start} of {cfg.train.epochs} done)")
         if history and history[-1].get("stopped_early"):
             self.log(f"this run already stopped early at epoch {start}; exporting its best checkpoint")
-            self.last_epoch = start
             return self._finish(start, best, True)
-        logger = MetricLogger(self.run_dir, history, start_epoch=start, tensorboard=self.dist.is_main,
-                              write=self.dist.is_main)
-        logger.add_text("config", "```\n" + cfg.to_yaml() + "\n```")
-        logger.add_text("taxonomy", self.tax.fingerprint)
+        # the trackers log the resolved config and the taxonomy fingerprint themselves
+        logger = MetricLogger(self.run_dir, history, start_epoch=start, write=self.dist.is_main, trackers=trackers,
+                              run_name=cfg.name, config=cfg.model_dump(mode="json"),
+                              taxonomy_fingerprint=self.tax.fingerprint)
+        try:
+            best, stopped = self._run_epochs(logger, start, best)
+        except BaseException as exc:
+            logger.close("killed" if isinstance(exc, KeyboardInterrupt) else "failed")
+            raise
+        result = self._finish(start, best, stopped)
+        if self.dist.is_main and (self.run_dir / "metrics.json").exists():
+            logger.log_artifact(self.run_dir / "metrics.json")
+        logger.close()
+        return result
+
+    def _run_epochs(self, logger: MetricLogger, start: int, best: float | None) -> tuple[float | None, bool]:
+        """Train and validate epoch by epoch from ``start``; (best value, stopped early)."""
+        cfg = self.cfg
         mode = cfg.checkpoint.best_mode
         key = f"val/{cfg.checkpoint.best_metric}"
         stopper = (EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping_delta, mode,
                                  best_epoch=self.best_epoch, best=best) if cfg.train.early_stopping else None)
-        stopped = False
-        self.last_epoch = start
         for epoch in range(start + 1, cfg.train.epochs + 1):
             self.last_epoch = epoch
             t0 = time.time()
@@ -516,9 +533,8 @@ class Trainer:
             if stopped:
                 self.log(f"early stopping: {cfg.checkpoint.best_metric} has not improved for "
                          f"{cfg.train.early_stopping} epochs (best {best:.4f} at epoch {self.best_epoch})")
-                break
-        logger.close()
-        return self._finish(start, best, stopped)
+                return best, True
+        return best, False
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
