@@ -108,7 +108,7 @@ class NodeMultiHotLoss(Loss):
 
     def violations(self, p: Tensor) -> Tensor:
         """``[B]`` violation penalty."""
-        pc, pp = p[:, self.vio_child], p[:, self.vio_parent]
+        pc, pp = p.index_select(1, self.vio_child), p.index_select(1, self.vio_parent)
         if self.violation == "soft":
             return torch.relu(pc - pp).sum(-1)
         return ((pc > self.threshold) & (pp <= self.threshold)).sum(-1).float()

@@ -71,7 +71,7 @@ class Marginalizer(nn.Module):
         if self.dense:
             return p @ self.matrix.to(p.dtype)
         out = p.new_zeros(p.shape[0], self.n_nodes)
-        return out.index_add(1, self.cols, p[:, self.rows])
+        return out.index_add(1, self.cols, p.index_select(1, self.rows))
 
 
 class LabelSets(nn.Module):
@@ -117,13 +117,13 @@ def segment_logsumexp(values: Tensor, segments: Tensor, n_segments: int) -> Tens
     shift = values.new_full((b, n_segments), float("-inf")).scatter_reduce(
         1, idx, values.detach(), reduce="amax", include_self=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    total = values.new_zeros(b, n_segments).index_add(1, segments, (values - shift[:, segments]).exp())
+    total = values.new_zeros(b, n_segments).index_add(1, segments, (values - shift.index_select(1, segments)).exp())
     return total.log() + shift
 
 
 def segment_log_softmax(values: Tensor, segments: Tensor, n_segments: int) -> Tensor:
     """Log-softmax of ``values [B, E]`` within each segment: ``values - segment_logsumexp[segment]``."""
-    return values - segment_logsumexp(values, segments, n_segments)[:, segments]
+    return values - segment_logsumexp(values, segments, n_segments).index_select(1, segments)
 
 
 class DepthLevels(nn.Module):
@@ -153,7 +153,7 @@ class DepthLevels(nn.Module):
         """``out[:, v] = sum of values[:, u]`` over u = v and its ancestors (the root included)."""
         parts = [values[:, :1]]
         for lo, hi in self.bounds[1:]:
-            parts.append(parts[-1][:, self.local_parent[lo:hi]] + values[:, lo:hi])
+            parts.append(parts[-1].index_select(1, self.local_parent[lo:hi]) + values[:, lo:hi])
         return torch.cat(parts, dim=1)
 
     def subtree_max(self, values: Tensor) -> Tensor:
@@ -180,3 +180,57 @@ class DepthLevels(nn.Module):
         """
         p = self.preorder[nodes].unsqueeze(1)
         return (self.preorder.unsqueeze(0) <= p) & (p < self.subtree_end.unsqueeze(0))
+
+
+class _CsrColumnSum(torch.autograd.Function):
+    """``out = x @ M^T`` for a 0/1 CSR matrix ``M`` [n_out, n_in]; the backward uses ``M^T`` in CSR too."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: Tensor, mt: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.mt = mt
+        return (m @ x.t().contiguous()).t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return (ctx.mt @ grad.t().contiguous()).t(), None, None
+
+
+class ColumnSums(nn.Module):
+    """``out[:, o] = sum of x[:, i] over the columns i listed for o`` (any number per output).
+
+    The per-level scores of a label (its ancestors' log-probabilities at every level) are such
+    sums. As a sparse 0/1 matrix product (CSR, both directions precomputed) it costs
+    O(batch x nnz) like K gathers, but runs 2-9x faster on a CPU than column gathers of
+    ``[batch, n_out]`` each, whose backward is a scatter. ``out_index``/``in_index``: the (output, input)
+    pairs, one per term of a sum.
+    Devices without sparse CSR kernels (MPS) use the gathers.
+    """
+
+    def __init__(self, out_index: np.ndarray, in_index: np.ndarray, n_out: int, n_in: int) -> None:
+        super().__init__()
+        import scipy.sparse as sp
+
+        m = sp.csr_matrix((np.ones(len(out_index), dtype=np.float32), (out_index, in_index)), shape=(n_out, n_in))
+        mt = m.T.tocsr()
+        for name, mat in (("m", m), ("mt", mt)):
+            mat.sum_duplicates()
+            mat.sort_indices()
+            self.register_buffer(f"{name}_crow", torch.from_numpy(mat.indptr.astype(np.int64)), persistent=False)
+            self.register_buffer(f"{name}_col", torch.from_numpy(mat.indices.astype(np.int64)), persistent=False)
+            self.register_buffer(f"{name}_val", torch.from_numpy(mat.data.astype(np.float32)), persistent=False)
+        self.shape = (int(n_out), int(n_in))
+        self.register_buffer("out_index", torch.from_numpy(np.asarray(out_index, dtype=np.int64)), persistent=False)
+        self.register_buffer("in_index", torch.from_numpy(np.asarray(in_index, dtype=np.int64)), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, n_in] -> [B, n_out] (float32 or float64)."""
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if x.device.type == "mps":
+            out = x.new_zeros(x.shape[0], self.shape[0])
+            return out.index_add(1, self.out_index, x.index_select(1, self.in_index))
+        m = torch.sparse_csr_tensor(self.m_crow, self.m_col, self.m_val.to(x.dtype), self.shape,
+                                    check_invariants=False)  # built from scipy's canonical CSR
+        mt = torch.sparse_csr_tensor(self.mt_crow, self.mt_col, self.mt_val.to(x.dtype), self.shape[::-1],
+                                     check_invariants=False)
+        with torch.autocast(x.device.type, enabled=False):  # sparse kernels have no bf16/fp16 on every device
+            return _CsrColumnSum.apply(x, m, mt)

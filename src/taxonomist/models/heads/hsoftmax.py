@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ...taxonomy import Taxonomy
-from ..tree_tensors import DepthLevels, covered_nodes, segment_log_softmax
+from ..tree_tensors import ColumnSums, DepthLevels, covered_nodes, segment_log_softmax
 from .base import Head, register_head
 
 
@@ -95,10 +95,19 @@ class HierarchicalSoftmaxHead(Head):
         self.register_buffer("child_node", torch.from_numpy(s["node"][~is_stop]), persistent=False)
         label_ids = taxonomy.label_ids
         self.register_buffer("label_ids", torch.from_numpy(label_ids.astype(np.int64)), persistent=False)
-        # label position of each internal label (stop order = id order = label order restricted)
-        self.register_buffer("stop_label_pos", torch.from_numpy(taxonomy.label_index[s["stops"]]),
-                             persistent=False)
         self.levels_op = DepthLevels(taxonomy)
+        # log p(label) = the sum of the branch log-probabilities on its root path (+ its stop branch for an
+        # internal label): one sparse product from the branch log-probabilities
+        node_branch = np.full(taxonomy.n_nodes, -1, dtype=np.int64)
+        node_branch[s["node"][~is_stop]] = np.flatnonzero(~is_stop)
+        anc = taxonomy.ancestor_matrix(label_ids)
+        lab, dep = np.nonzero(anc >= 0)
+        keep = dep > 0  # the root has no branch
+        out_idx = [lab[keep], taxonomy.label_index[s["stops"]][free_stop >= 0]]
+        in_idx = [node_branch[anc[lab[keep], dep[keep]]], free_stop[free_stop >= 0]]
+        out_all, in_all = np.concatenate(out_idx), np.concatenate(in_idx)
+        has = in_all >= 0  # a node without a branch of its own (see branch_structure) adds log 1 = 0
+        self.label_sum = ColumnSums(out_all[has], in_all[has], taxonomy.n_labels, self.n_branches)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(self.in_features, self.n_branches, bias=bias)
 
@@ -119,13 +128,13 @@ class HierarchicalSoftmaxHead(Head):
         share their group with its stop branch (:meth:`stop_log_probs`)."""
         cond = self._branch_log_probs(outputs)
         b = cond.shape[0]
-        return self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond[:, self.child_branch])
+        return self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond.index_select(1, self.child_branch))
 
     def stop_log_probs(self, outputs: dict[str, Tensor], cond: Tensor | None = None) -> Tensor:
         """``log p(stop | u)`` for every internal label node u (id order), [B, n_internal_labels]."""
         cond = self._branch_log_probs(outputs) if cond is None else cond
         out = cond.new_zeros(cond.shape[0], self.n_stops)
-        return out.index_add(1, self.stop_slot, cond[:, self.stop_branch])
+        return out.index_add(1, self.stop_slot, cond.index_select(1, self.stop_branch))
 
     def path_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """``log p(v)``: the log subtree mass of every node, [B, n_nodes] float32 (root 0)."""
@@ -134,13 +143,11 @@ class HierarchicalSoftmaxHead(Head):
     def _paths(self, outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         cond = self._branch_log_probs(outputs)
         b = cond.shape[0]
-        node_cond = self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond[:, self.child_branch])
+        node_cond = self.base.unsqueeze(0).expand(b, -1).index_add(1, self.child_node, cond.index_select(1, self.child_branch))
         return self.levels_op.path_sum(node_cond), self.stop_log_probs(outputs, cond)
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        path, stop = self._paths(outputs)
-        lab = path[:, self.label_ids]
-        return lab.index_add(1, self.stop_label_pos, stop)
+        return self.label_sum(self._branch_log_probs(outputs))
 
     def node_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """The path products: each node's subtree mass (exactly the marginal of the label distribution)."""

@@ -104,7 +104,7 @@ class MultiLabelHead(Head):
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         z = outputs["nodes"].float()
         z = torch.cat([torch.zeros_like(z[:, :1]), z[:, 1:]], dim=1)
-        return self.levels_op.path_sum(z)[:, self.label_ids].log_softmax(dim=-1)
+        return self.levels_op.path_sum(z).index_select(1, self.label_ids).log_softmax(dim=-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"

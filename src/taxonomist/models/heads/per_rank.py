@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ...taxonomy import Taxonomy, TaxonomyError
-from ..tree_tensors import covered_nodes
+from ..tree_tensors import ColumnSums, covered_nodes
 from .base import Head, register_head
 
 _BIG = np.iinfo(np.int64).max
@@ -110,9 +110,11 @@ class PerRankHead(Head):
         self.sizes: list[int] = [len(c) for c in class_nodes]
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         total = int(offsets[-1])
-        # gather index into [level log-probs concatenated, one zero column]: codes of -1 hit the zero column
-        gather = np.where(label_codes >= 0, label_codes + offsets[:-1][None, :], total)
-        self.register_buffer("gather_index", torch.from_numpy(gather.astype(np.int64)), persistent=False)
+        # column of each (label, level) class in the concatenated level log-probs (-1: no class there)
+        gather = np.where(label_codes >= 0, label_codes + offsets[:-1][None, :], -1)
+        # a label's score = the sum of its classes' log-probabilities over the levels (none class: 0)
+        lab, lev = np.nonzero(label_codes >= 0)
+        self.level_sum = ColumnSums(lab, gather[lab, lev], taxonomy.n_labels, total)
         self.register_buffer("node_targets", torch.from_numpy(node_targets), persistent=False)
         self.register_buffer("class_nodes", torch.from_numpy(np.concatenate(class_nodes).astype(np.int64)),
                              persistent=False)
@@ -133,12 +135,8 @@ class PerRankHead(Head):
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         lp = self.level_log_probs(outputs)
-        flat = torch.cat([lp[lv] for lv in self.levels] + [lp[self.levels[0]].new_zeros(
-            lp[self.levels[0]].shape[0], 1)], dim=-1)
-        score = flat[:, self.gather_index[:, 0]]
-        for j in range(1, len(self.levels)):
-            score = score + flat[:, self.gather_index[:, j]]
-        return score.log_softmax(dim=-1)
+        flat = torch.cat([lp[lv] for lv in self.levels], dim=-1)
+        return self.level_sum(flat).log_softmax(dim=-1)
 
     def level_classes(self) -> dict[str, Tensor]:
         """Node id of each class per level (``-1`` = the none class)."""

@@ -111,7 +111,7 @@ class RefinedHead(PerRankHead):
     def log_prior(self, route_log_probs: Tensor, j: int) -> Tensor:
         """``log(P_j . H[j, j+1] + eps)`` for the classes of level j+1, [B, C_{j+1}] (float32)."""
         src, dst = self.edges(j)
-        lse = segment_logsumexp(route_log_probs[:, src], dst, self.sizes[j + 1])
+        lse = segment_logsumexp(route_log_probs.index_select(1, src), dst, self.sizes[j + 1])
         prior = torch.logaddexp(lse, torch.full_like(lse, self.log_eps))
         return torch.where(getattr(self, f"has_parent_{j}").unsqueeze(0), prior, torch.zeros_like(prior))
 
