@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.tree_tensors import label_ancestor_table
+from ..models.tree_tensors import LabelSets
 from ..taxonomy import Taxonomy
 
 METRICS = ("path", "lca_height", "rank_steps")
@@ -111,31 +111,15 @@ class RootPaths(nn.Module):
         return ancestors_at_depths(self.parent, self.depth, targets, self.max_depth)
 
 
-class SubtreeLabels(nn.Module):
-    """``forward(t) -> [B, n_labels]`` bool: label ``l`` is ``t`` or a descendant of ``t``.
-
-    Uses the ``[n_labels, depth+1]`` label ancestor table: ``l in subtree(t) <=> A[l, depth t] == t``.
-    (Unlike :class:`~taxonomist.models.tree_tensors.LabelSets`, an internal label target keeps its
-    descendants here: this is subtree membership, not "which labels the target means".)
-    """
-
-    def __init__(self, taxonomy: Taxonomy) -> None:
-        super().__init__()
-        self.register_buffer("ancestors", torch.from_numpy(label_ancestor_table(taxonomy)), persistent=False)
-        self.register_buffer("depth", torch.from_numpy(taxonomy.depth.astype(np.int64)), persistent=False)
-        self.register_buffer("label_index", torch.from_numpy(taxonomy.label_index.astype(np.int64)),
-                             persistent=False)
+class SubtreeLabels(LabelSets):
+    """``forward(t) -> [B, n_labels]`` bool: label ``l`` is ``t`` or a descendant of ``t``
+    (:meth:`LabelSets.inside`); ``meant(t)`` is :meth:`LabelSets.mask`, the labels a target stands for."""
 
     def forward(self, targets: Tensor) -> Tensor:
-        return (self.ancestors[:, self.depth[targets]] == targets[None, :]).T
+        return self.inside(targets)
 
     def meant(self, targets: Tensor, inside: Tensor | None = None) -> Tensor:
-        """``[B, n_labels]`` bool: the labels a target stands for (as ``LabelSets.mask``): a label target
-        is that label only, a partial target every label of its subtree (``inside``, if computed)."""
-        inside = self(targets) if inside is None else inside
-        li = self.label_index[targets]
-        own = torch.zeros_like(inside).scatter_(1, li.clamp(min=0)[:, None], True)
-        return torch.where((li >= 0)[:, None], own, inside)
+        return self.mask(targets, inside)
 
 
 class LabelDistance(nn.Module):

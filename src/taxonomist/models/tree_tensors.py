@@ -91,14 +91,18 @@ class LabelSets(nn.Module):
                              persistent=False)
         self.register_buffer("covered", torch.from_numpy(covered_nodes(taxonomy)), persistent=False)
 
-    def mask(self, targets: Tensor) -> Tensor:
-        """[B] node ids (>= 0) -> [B, n_labels] bool."""
-        anc = self.ancestors[:, self.depth[targets]]            # [n_labels, B]
-        under = (anc == targets[None, :]).T                     # [B, n_labels]
+    def inside(self, targets: Tensor) -> Tensor:
+        """[B] node ids (>= 0) -> [B, n_labels] bool: label ``l`` is the target or lies below it
+        (subtree membership: an internal label target keeps its descendants here)."""
+        return (self.ancestors[:, self.depth[targets]] == targets[None, :]).T
+
+    def mask(self, targets: Tensor, inside: Tensor | None = None) -> Tensor:
+        """[B] node ids (>= 0) -> [B, n_labels] bool: the labels each target stands for
+        (``inside``: :meth:`inside` of the same targets, if already computed)."""
+        under = self.inside(targets) if inside is None else inside
         li = self.label_index[targets]
-        is_label = li >= 0
-        onehot = nn.functional.one_hot(li.clamp(min=0), under.shape[1]).bool()
-        return torch.where(is_label[:, None], onehot, under)
+        own = torch.zeros_like(under).scatter_(1, li.clamp(min=0)[:, None], True)
+        return torch.where((li >= 0)[:, None], own, under)
 
 
 # ----------------------------------------------------------------- segment and path operations
