@@ -85,3 +85,22 @@ def test_ddp_multitask_gradnorm_with_missing_task_labels(tmp_path, small_set, de
     # epochs; with averaged per-rank norms instead of averaged gradients it was 6 %).
     np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=3e-2)
     np.testing.assert_allclose(b[wcols].to_numpy(), a[wcols].to_numpy(), rtol=5e-2)
+
+
+@pytest.mark.slow
+def test_ddp_uncertainty_weighting_matches_single_process(tmp_path, small_set, demo, cache_dir):
+    """The learnable log-variances live outside the DDP-wrapped model; their gradients are averaged
+    over the ranks by the loop, so two processes learn the same weights as one."""
+    overrides = ["model.neck.dropout=0.0", "model.head.name=per_rank", "loss.name=per_rank_ce",
+                 "loss.weighting=uncertainty"]
+    single = write_small_config(tmp_path, small_set, demo, cache_dir, "u_single", epochs=2, batch_size=32)
+    assert cli(["train", str(single), *overrides]) == 0
+    multi = write_small_config(tmp_path, small_set, demo, cache_dir, "u_ddp", epochs=2, batch_size=32)
+    res = _torchrun(["train", str(multi), *overrides])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "runs" / "u_single" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "runs" / "u_ddp" / "metrics.csv")
+    wcols = [c for c in a.columns if c.startswith("weight/")]
+    assert len(wcols) == 6 and np.abs(a[wcols].to_numpy() - 1.0).max() > 1e-3  # they moved
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4)
+    np.testing.assert_allclose(b[wcols].to_numpy(), a[wcols].to_numpy(), rtol=1e-4)

@@ -79,7 +79,7 @@ def test_gradnorm_reweights_per_rank_tasks_and_resumes(tmp_path, small_set, demo
     state = torch.load(res.run_dir / "checkpoints" / "last.pt", weights_only=False)
     np.testing.assert_allclose(state["weighting"]["w"].numpy(), w[-1], rtol=1e-4)
 
-    # two more epochs continue from the stored weights (config changed only in epochs: a new run name)
+    # (resuming the weights is tested in test_resume_repeats_an_uninterrupted_run_with_all_the_new_state)
     with pytest.raises(ConfigError, match="learns them"):
         _run(tmp_path, small_set, demo, cache_dir, "gn_bad", over + ["loss.task_weights={level1: 2.0}"])
 
@@ -240,3 +240,40 @@ def test_lora_run_exports_a_bundle_that_loads_without_peft(tmp_path, two_classes
     probs = bundle.label_probs(val, cache_dir=cache_dir, progress=False)
     err = float((bundle.taxonomy.label_ids[probs.argmax(1)] != val.nodes()).mean())
     assert err == pytest.approx(res.metrics["top1_error"], abs=1e-6)
+
+
+def test_resume_repeats_an_uninterrupted_run_with_all_the_new_state(tmp_path, shaped_set, demo, cache_dir):
+    """GradNorm weights, EMA, mixup draws, metadata masking, attribute heads and the early-stopping
+    state all come back from a checkpoint: resuming after epoch 2 gives the same epochs 3 and 4."""
+    import shutil
+
+    over = ["model.head.name=per_rank", "loss.name=per_rank_ce", "model.attributes=[shape]",
+            "loss.weighting=gradnorm", "data.metadata={columns: [area], mask_prob: 0.3}",
+            "train.mixup={mixup_alpha: 0.4}", "train.ema_decay=0.8", "train.early_stopping=10",
+            "train.early_stopping_delta=0.001", "checkpoint.keep=4"]
+    full = _run(tmp_path, shaped_set, demo, cache_dir, "resume", over, epochs=4)
+    before = _history(full)
+    ck = full.run_dir / "checkpoints"
+    shutil.copy(ck / "epoch_0002.pt", ck / "last.pt")
+    again = _run(tmp_path, shaped_set, demo, cache_dir, "resume", over, epochs=4)
+    assert again.resumed_from == 2 and again.epochs_run == 2
+    after = _history(again)
+    cols = [c for c in before.columns if c != "time_s" and pd.api.types.is_numeric_dtype(before[c])]
+    assert any(c.startswith("weight/") for c in cols) and "val/attr/shape/top1" in cols
+    np.testing.assert_allclose(after[cols].to_numpy(float), before[cols].to_numpy(float), rtol=1e-5)
+    for key in ("top1_error", "no_metadata/top1_error", "attr/shape/top1"):
+        assert again.metrics[key] == pytest.approx(full.metrics[key], abs=1e-9), key
+
+
+def test_early_stopping_state_survives_a_resume():
+    from taxonomist.train.dynamics import EarlyStopping
+
+    values = [1.0, 0.95, 0.94, 0.935, 0.93, 0.925, 0.92]
+    run = EarlyStopping(3, delta=0.02)
+    stops = [run.step(e, v) for e, v in enumerate(values, 1)]
+    assert stops.index(True) + 1 == 5  # best 0.95 at epoch 2; no gain above 0.02 for 3 epochs
+    first = EarlyStopping(3, delta=0.02)
+    for e, v in enumerate(values[:4], 1):
+        first.step(e, v)
+    resumed = EarlyStopping(3, delta=0.02, **first.state_dict())
+    assert resumed.step(5, values[4]) is True

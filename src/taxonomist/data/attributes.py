@@ -22,7 +22,7 @@ OUTPUT_PREFIX = "attr/"
 
 
 def _column(table: SampleTable, name: str, where: str) -> pd.Series:
-    bare = name[len(ATTR_PREFIX):] if name.startswith(ATTR_PREFIX) else name
+    bare = bare_name(name)
     col = ATTR_PREFIX + bare
     if col not in table.df.columns:
         have = ", ".join(table.attr_columns) or "none"
@@ -61,8 +61,7 @@ def attribute_targets(table: SampleTable, vocab: dict[str, list[str]],
     notes: list[str] = []
     for name, classes in vocab.items():
         vals = _values(_column(table, name, where))
-        index = {v: i for i, v in enumerate(classes)}
-        codes = np.fromiter((index.get(v, -1) for v in vals), dtype=np.int64, count=len(vals))
+        codes = pd.Index(classes).get_indexer(vals).astype(np.int64)  # -1 for '' and unseen values
         unseen = (codes < 0) & (vals != "")
         if unseen.any():
             examples = sorted(set(vals[unseen]))[:5]

@@ -321,15 +321,23 @@ class TaxonMixup:
                           lam, perm, mixed, mode, rank)
 
 
-def mixture_loss(loss: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]], outputs: Any,
-                 batch: MixedBatch) -> dict[str, torch.Tensor]:
+def mixture_loss(loss: Callable[..., dict[str, torch.Tensor]], outputs: Any, batch: MixedBatch,
+                 extra_targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``lam * loss(outputs, targets_a) + (1 - lam) * loss(outputs, targets_b)`` per task (soft targets).
 
-    ``loss`` follows the Loss interface (``forward(outputs, target_nodes) -> dict``). Exact
-    for unmixed samples when the loss averages over samples (their two targets are equal).
+    ``loss`` follows the Loss interface (``forward(outputs, target_nodes[, extra_targets]) -> dict``).
+    ``extra_targets`` (attribute targets by output key) are the samples' own for the first term and
+    their partners' (permuted by ``batch.perm``) for the second. Exact for unmixed samples when the
+    loss averages over samples (their two targets are equal).
     """
+    if extra_targets is None:
+        def call(targets: torch.Tensor, _extra: Any) -> dict[str, torch.Tensor]:
+            return loss(outputs, targets)
+    else:
+        def call(targets: torch.Tensor, extra: Any) -> dict[str, torch.Tensor]:
+            return loss(outputs, targets, extra)
     if batch.mode == "none":
-        return loss(outputs, batch.targets_a)
-    la = loss(outputs, batch.targets_a)
-    lb = loss(outputs, batch.targets_b)
+        return call(batch.targets_a, extra_targets)
+    la = call(batch.targets_a, extra_targets)
+    lb = call(batch.targets_b, None if extra_targets is None else {k: v[batch.perm] for k, v in extra_targets.items()})
     return {k: batch.lam * la[k] + (1.0 - batch.lam) * lb[k] for k in la}

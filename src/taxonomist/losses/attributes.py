@@ -129,6 +129,9 @@ class CompositeLoss(Loss):
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.main.tasks) + tuple(self.attributes.tasks)
 
+    def set_step(self, step: int) -> None:
+        self.main.set_step(step)
+
     def forward(self, outputs: dict[str, Tensor], targets: Tensor,
                 extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         out = dict(self.main(outputs, targets, extra_targets))

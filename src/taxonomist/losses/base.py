@@ -93,6 +93,10 @@ class Loss(nn.Module, ABC):
         """Per-task scalar losses (float32) from the head's outputs, target node ids ``[B]``
         (any depth, ``-1`` = unlabelled) and optional non-taxonomy targets by output key."""
 
+    def set_step(self, step: int) -> None:
+        """The training step (micro-batches so far), for losses with a schedule; the loop calls it
+        before every forward. Default: no schedule."""
+
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """The head's normalised label log-probabilities, float32 ``[B, n_labels]``."""
         return self.head.label_log_probs(outputs).float()

@@ -13,7 +13,8 @@ The ``s_i`` are ordinary parameters: the training loop adds ``weighting.paramete
 optimiser (without weight decay). A task whose loss is exactly 0 in a batch (the losses return a
 connected zero when a task has no target) is left out of that step, regulariser included (else
 ``s_i`` would be pushed down by ``d/ds = 1`` on every batch without the task); its ``s_i`` stays in
-the graph with a zero gradient, so DDP sees every parameter used.
+the graph with a zero gradient. The ``s_i`` are not part of the DDP-wrapped model: under DDP the
+training loop averages their gradients over the ranks before each optimiser step.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from ..bundle import export_bundle
 from ..data import ImageDataset, Preprocess, build_transform, extract_features
 from ..data.attributes import attribute_accuracy, attribute_targets, attribute_vocab
 from ..data.augment import build_augment
+from ..data.mixup import mixture_loss
 from ..errors import ConfigError
 from ..losses import create_loss, create_weighting, with_attribute_losses
 from ..metrics import compute_metrics
@@ -146,9 +147,9 @@ class Trainer:
         seed_everything(cfg.seed + 1)
         self.train_y = torch.as_tensor(self.data.train.nodes(), dtype=torch.long)
         groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        extra_params = [p for p in self.weighting.parameters() if p.requires_grad]
-        if extra_params:  # learnable task weights (uncertainty weighting): no weight decay
-            groups.append({"params": extra_params, "weight_decay": 0.0})
+        self.weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
+        if self.weighting_params:  # learnable task weights (uncertainty weighting): no weight decay
+            groups.append({"params": self.weighting_params, "weight_decay": 0.0})
         t = cfg.train
         if t.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
@@ -192,7 +193,7 @@ class Trainer:
                 self.val_attr, notes = attribute_targets(self.data.val, self.attr_vocab, where="validation data")
                 for note in notes:
                     self.log(f"  {note}")
-            self.log(f"  attributes: " + ", ".join(f"{n} ({len(v)} classes)" for n, v in self.attr_vocab.items()))
+            self.log("  attributes: " + ", ".join(f"{n} ({len(v)} classes)" for n, v in self.attr_vocab.items()))
         self.meta_encoder = None
         self.fusion_options: dict[str, Any] | None = None
         self.train_meta: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -234,7 +235,10 @@ class Trainer:
                               "learns them; remove loss.task_weights (gradnorm takes "
                               "loss.weighting_options.initial_weights)")
         if cfg.loss.weighting == "gradnorm":
-            w_opts.setdefault("accumulation_steps", self.accumulation_steps)
+            if "accumulation_steps" in w_opts:
+                raise ConfigError("loss.weighting_options.accumulation_steps is set by the training loop (from "
+                                  "train.accumulation_steps and train.auto_batch_size); remove it")
+            w_opts["accumulation_steps"] = self.accumulation_steps
             w_opts.setdefault("update_every", self.accumulation_steps)
         self.weighting = create_weighting(cfg.loss.weighting, tasks=self.loss_fn.tasks, **w_opts).to(self.device)
         # GradNorm measures each task's gradient at the last layer all tasks share; fails early without one
@@ -275,7 +279,10 @@ class Trainer:
 
     def _prepare_augmentation(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        aug = {False: "none", True: "flips"}.get(t.augment, t.augment) if isinstance(t.augment, bool) else t.augment
+        if t.early_stopping and (self.data.val is None or len(self.data.val) == 0):
+            raise ConfigError("train.early_stopping needs validation data (data.val, or data.split.val > 0) to "
+                              "watch checkpoint.best_metric; remove train.early_stopping or give validation data")
+        aug = ("flips" if t.augment else "none") if isinstance(t.augment, bool) else t.augment
         if self.frozen and aug != "none":
             raise ConfigError(f"train.augment={t.augment!r} needs a trainable backbone (model.backbone.trainable=true): "
                               "a frozen backbone trains on cached features, which cannot be augmented. "
@@ -290,6 +297,12 @@ class Trainer:
                 raise ConfigError("train.mixup.cutmix_alpha > 0 needs images (model.backbone.trainable=true); with "
                                   "cached features use mixup only (cutmix_alpha: 0)")
             opts.setdefault("seed", cfg.seed)
+            import inspect
+
+            known = [n for n in inspect.signature(TaxonMixup).parameters if n != "taxonomy"]
+            unknown = sorted(set(opts) - set(known))
+            if unknown:
+                raise ConfigError(f"train.mixup has no option(s) {unknown}; its options are: {', '.join(known)}")
             self.mixup = TaxonMixup(self.tax, **opts)
 
     def _features(self, table, split: str) -> torch.Tensor:
@@ -382,7 +395,9 @@ class Trainer:
                 run(lo, images=images.to(self.device))
                 lo += len(images)
         probs = torch.cat(out).numpy() if out else np.zeros((0, self.tax.n_labels), dtype=np.float32)
-        return probs, {k: torch.cat(v).numpy() for k, v in attrs.items()}
+        # every key on every rank, also a rank without validation rows (the gather after this is collective)
+        return probs, {k: torch.cat(attrs[k]).numpy() if attrs.get(k) else
+                       np.zeros((0, len(self.attr_vocab[k[len("attr/"):]])), dtype=np.float32) for k in self.val_attr}
 
     def predict_label_probs(self, table=None, features: torch.Tensor | None = None) -> np.ndarray:
         return self.predict_outputs(table, features)[0]
@@ -416,6 +431,7 @@ class Trainer:
             "taxonomy": self.tax.fingerprint, "weighting": self.weighting.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "best_epoch": self.best_epoch,
+            "early_stopping": self.stopper.state_dict() if self.stopper is not None else None,
         }
 
     def _resume(self) -> dict[str, Any] | None:
@@ -472,7 +488,13 @@ class Trainer:
             save_taxonomy(self.tax, self.run_dir / "taxonomy.json")
         barrier(self.dist)
         self.best_epoch = 0
+        t = cfg.train
+        self.stopper = EarlyStopping(t.early_stopping, t.early_stopping_delta, cfg.checkpoint.best_mode) \
+            if t.early_stopping else None
         state = self._resume()
+        if state and self.stopper is not None and state.get("early_stopping"):
+            self.stopper.best_epoch = int(state["early_stopping"]["best_epoch"])
+            self.stopper.best = state["early_stopping"]["best"]
         start = state["epoch"] if state else 0
         best = state["best"] if state else None
         history = list(state["history"]) if state else []
@@ -488,10 +510,10 @@ class Trainer:
                               taxonomy_fingerprint=self.tax.fingerprint)
         try:
             best, stopped = self._run_epochs(logger, start, best)
+            result = self._finish(start, best, stopped)
         except BaseException as exc:
             logger.close("killed" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
-        result = self._finish(start, best, stopped)
         if self.dist.is_main and (self.run_dir / "metrics.json").exists():
             logger.log_artifact(self.run_dir / "metrics.json")
         logger.close()
@@ -502,8 +524,6 @@ class Trainer:
         cfg = self.cfg
         mode = cfg.checkpoint.best_mode
         key = f"val/{cfg.checkpoint.best_metric}"
-        stopper = (EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping_delta, mode,
-                                 best_epoch=self.best_epoch, best=best) if cfg.train.early_stopping else None)
         for epoch in range(start + 1, cfg.train.epochs + 1):
             self.last_epoch = epoch
             t0 = time.time()
@@ -524,15 +544,17 @@ class Trainer:
                 is_best = True
             if is_best:
                 self.best_epoch = epoch
-            stopped = stopper is not None and stopper.step(epoch, value)
+            stopped = self.stopper is not None and self.stopper.step(epoch, value)
             if stopped:
                 row["stopped_early"] = 1
             logger.log(row)
             self._save_epoch(epoch, best, logger.history, is_best)
             self.log(_epoch_line(row, cfg.train.epochs))
             if stopped:
-                self.log(f"early stopping: {cfg.checkpoint.best_metric} has not improved for "
-                         f"{cfg.train.early_stopping} epochs (best {best:.4f} at epoch {self.best_epoch})")
+                assert self.stopper is not None and self.stopper.best is not None
+                self.log(f"early stopping: {cfg.checkpoint.best_metric} has not improved by more than "
+                         f"{cfg.train.early_stopping_delta} for {cfg.train.early_stopping} epochs (best "
+                         f"{self.stopper.best:.4f} at epoch {self.stopper.best_epoch})")
                 return best, True
         return best, False
 
@@ -565,25 +587,35 @@ class Trainer:
             mixed = self.mixup(x, targets, step=epoch - 1) if self.mixup is not None else None
             if mixed is not None:
                 x = mixed.inputs
-            if hasattr(self.loss_fn, "set_step"):
-                self.loss_fn.set_step(micro_step)
+                if kwargs and mixed.mode != "none":  # metadata is mixed like the inputs; present only if in both
+                    values, mask = kwargs["metadata"], kwargs["metadata_mask"]
+                    p = mixed.perm.to(values.device)
+                    rows = mixed.mixed.to(values.device)[:, None]
+                    kwargs["metadata"] = torch.where(rows, mixed.lam * values + (1 - mixed.lam) * values[p], values)
+                    kwargs["metadata_mask"] = torch.where(rows, mask * mask[p], mask)
+            self.loss_fn.set_step(micro_step)
             sync = mb.last or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.step_fn.no_sync():
                 with self.autocast():
                     outputs = self.step_fn(**{x_key: x}, targets=mixed.targets if mixed is not None else targets,
                                            **kwargs)
-                    if mixed is None or mixed.mode == "none":
+                    if mixed is None:
                         losses = self.loss_fn(outputs, targets, extra)
                     else:  # soft targets: lam * loss(own target) + (1 - lam) * loss(partner's target)
-                        la = self.loss_fn(outputs, mixed.targets_a, extra)
-                        extra_b = {k: v[mixed.perm] for k, v in extra.items()} if extra else None
-                        lb = self.loss_fn(outputs, mixed.targets_b, extra_b)
-                        losses = {k: mixed.lam * la[k] + (1.0 - mixed.lam) * lb[k] for k in la}
+                        losses = mixture_loss(self.loss_fn, outputs, mixed, extra_targets=extra)
                 self.weighting.update(losses, self.shared_params, micro_step)
                 total = self.weighting(losses)
                 self.scaler.scale(total * mb.scale if mb.scale != 1.0 else total).backward()
             micro_step += 1
             if mb.last:
+                if self.dist.enabled and self.weighting_params:  # learnable task weights sit outside DDP
+                    import torch.distributed as tdist
+
+                    for p in self.weighting_params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        tdist.all_reduce(p.grad)
+                        p.grad /= self.dist.world_size
                 if cfg.train.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)

@@ -85,6 +85,10 @@ class HierarchicalSoftmaxHead(Head):
         self.n_stops = len(s["stops"])
         self.register_buffer("branch_nodes", torch.from_numpy(s["node"]), persistent=False)
         self.register_buffer("branch_groups", torch.from_numpy(s["group"]), persistent=False)
+        # the softmax groups numbered 0..n_groups-1 (only parents with branches: most nodes are leaves)
+        _, group_code = np.unique(s["group"], return_inverse=True)
+        self.n_groups = int(group_code.max()) + 1 if len(group_code) else 0
+        self.register_buffer("group_code", torch.from_numpy(group_code.astype(np.int64)), persistent=False)
         self.register_buffer("branch_is_stop", torch.from_numpy(s["is_stop"]), persistent=False)
         self.register_buffer("base", torch.from_numpy(s["base"]), persistent=False)
         free_stop = s["free_stop"]
@@ -120,7 +124,7 @@ class HierarchicalSoftmaxHead(Head):
 
     def _branch_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         z = outputs["branches"].float()
-        return segment_log_softmax(z, self.branch_groups, self.n_nodes)
+        return segment_log_softmax(z, self.group_code, self.n_groups)
 
     def conditional_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """``log p(v | parent(v))`` per node, [B, n_nodes] float32; 0 at the root, -inf for nodes
