@@ -58,6 +58,14 @@ def climb_ref(tax: Taxonomy, ref: Ref, row, thr_of) -> tuple[int, float]:
     return v, npb[v]
 
 
+def ref_rank(tax: Taxonomy, ref: Ref, u: int) -> str:
+    """The rank whose threshold node u uses: its own, else its nearest ranked ancestor's (root included),
+    else the first rank (walking parents one by one)."""
+    while not str(tax.ranks[u]) and u > 0:
+        u = ref.parent[u]
+    return str(tax.ranks[u]) or tax.rank_order[0]
+
+
 @pytest.mark.parametrize("name", ["plankton", "fathomnet", "cifar"])
 def test_threshold_global_matches_reference(trees, name):
     tax = trees[name]
@@ -81,11 +89,12 @@ def test_threshold_per_rank_fathomnet_scaffold(trees):
     probs = random_probs(rng, 300, tax.n_labels, sharp=4.0)
     d = decide(tax, probs, "threshold", threshold=FATHOMNET_THRESHOLDS)
     for i in range(len(probs)):
-        v, _ = climb_ref(tax, ref, probs[i], lambda u: FATHOMNET_THRESHOLDS.get(str(tax.ranks[u])))
+        v, _ = climb_ref(tax, ref, probs[i], lambda u: FATHOMNET_THRESHOLDS.get(ref_rank(tax, ref, u)))
         assert d.node[i] == v
     # how names the rank backed off to
     for v, h, s in zip(d.node, d.how, tax.label_ids[probs.argmax(1)]):
-        assert h == ("label" if v == s else f"backoff_to_{tax.ranks[v]}")
+        assert h == ("label" if v == s else f"backoff_to_{tax.ranks[v]}" if tax.ranks[v]
+                     else f"backoff_to_depth_{tax.depth[v]}")
     hows = set(d.how)
     assert "label" in hows and len({h for h in hows if h.startswith("backoff_to_")}) >= 2
     # a rank mapped to None (or missing) is walked past
@@ -93,8 +102,42 @@ def test_threshold_per_rank_fathomnet_scaffold(trees):
     d2 = decide(tax, probs, "threshold", threshold=partial)
     assert not (tax.ranks[d2.node] == "genus").any()
     for i in range(len(probs)):
-        v, _ = climb_ref(tax, ref, probs[i], lambda u: partial.get(str(tax.ranks[u])))
+        v, _ = climb_ref(tax, ref, probs[i], lambda u: partial.get(ref_rank(tax, ref, u)))
         assert d2.node[i] == v
+    # ... unless `default` gives them a threshold
+    d3 = decide(tax, probs, "threshold", threshold=partial, default=0.9)
+    for i in range(len(probs)):
+        v, _ = climb_ref(tax, ref, probs[i], lambda u: partial.get(ref_rank(tax, ref, u)) or 0.9)
+        assert d3.node[i] == v
+
+
+UNRANKED = {"Tunicata": "phylum", "Caridea": "order", "Acanthascinae": "family"}
+
+
+def test_threshold_answers_unranked_labels(trees):
+    """FathomNet's Tunicata, Caridea and Acanthascinae have no rank: they use their nearest ranked
+    ancestor's threshold, so a certain prediction on them is answered as it is."""
+    tax = trees["fathomnet"]
+    for name, rank in UNRANKED.items():
+        v = tax.find(name)
+        assert tax.is_label[v] and not tax.ranks[v]
+        p = np.zeros((1, tax.n_labels))
+        p[0, tax.label_index[v]] = 1.0
+        d = decide(tax, p, "threshold", threshold=FATHOMNET_THRESHOLDS)
+        assert d.names(tax) == [name] and d.how == ["label"], name
+        assert tax.ranks[tax.parent[v]] == rank
+    # Tunicata takes phylum's 0.80 (not class's 0.75): 0.78 on it, the rest on other chordates -> Chordata
+    tun, chordata = tax.find("Tunicata"), tax.find("Chordata")
+    others = [tax.label_index[u] for u in tax.label_ids if tax.is_ancestor(chordata, u) and u != tun]
+    p = np.zeros((1, tax.n_labels))
+    p[0, tax.label_index[tun]] = 0.78
+    p[0, others] = 0.22 / len(others)
+    assert decide(tax, p, "threshold", threshold=FATHOMNET_THRESHOLDS).names(tax) == ["Chordata"]
+    assert decide(tax, p, "threshold", threshold={**FATHOMNET_THRESHOLDS, "phylum": 0.75}).names(tax) == ["Tunicata"]
+    # a rank missing from the mapping takes `default`, for its unranked nodes too
+    no_phylum = {k: v for k, v in FATHOMNET_THRESHOLDS.items() if k != "phylum"}
+    assert decide(tax, p, "threshold", threshold=no_phylum, default=0.7).names(tax) == ["Tunicata"]
+    assert decide(tax, p, "threshold", threshold=no_phylum).names(tax) == ["Animalia"]
 
 
 def test_threshold_unranked_levels_and_how(trees):
@@ -282,6 +325,38 @@ def test_fitted_thresholds_hold_accuracy_on_held_out_data(trees, name, per_rank)
         assert hier_correct(tax, lower, val_t).mean() < target
 
 
+def test_fit_thresholds_per_rank_reaches_unranked_labels(trees):
+    """Per-rank fitting on FathomNet data where the unranked labels are common and mostly right:
+    the fitted thresholds answer them (an unranked node shares its ranked ancestor's threshold),
+    and the accuracy holds on the fitting data and on held-out data."""
+    tax = trees["fathomnet"]
+    unranked = np.array([tax.label_index[tax.find(x)] for x in UNRANKED])
+
+    def split(seed, n=4000):
+        rng = np.random.default_rng(seed)
+        z = rng.normal(size=(n, tax.n_labels)) * 3.0
+        boost = rng.random(n) < 0.4
+        z[np.flatnonzero(boost), rng.choice(unranked, int(boost.sum()))] += 9.0
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return p, mixed_truth(rng, tax, p, p_partial=0.0, p_unknown=0.0, calibrated=True)
+
+    val_p, val_t = split(50)
+    test_p, test_t = split(51)
+    thr = fit_thresholds(tax, val_p, val_t, target_accuracy=0.9, per_rank=True)
+    assert thr["phylum"] is not None and thr["order"] is not None and thr["family"] is not None
+    d = decide(tax, val_p, "threshold", threshold=thr)
+    assert hier_correct(tax, d.node, val_t).mean() >= 0.9
+    answered = {str(tax.names[v]) for v in d.node}
+    assert set(UNRANKED) <= answered, answered
+    for name in UNRANKED:  # most confident, correct predictions of them keep the label
+        v = tax.find(name)
+        sure = (val_p[:, tax.label_index[v]] > 0.99) & (val_t == v)
+        assert sure.sum() > 50 and (d.node[sure] == v).mean() > 0.9, name
+    test_acc = hier_correct(tax, decide(tax, test_p, "threshold", threshold=thr).node, test_t).mean()
+    assert test_acc >= 0.9 - 4 * math.sqrt(0.9 * 0.1 / 4000)
+
+
 def test_fit_thresholds_per_rank_answers_as_deep_as_global(trees):
     from taxonomist.metrics import node_coverage
     for name in ("fathomnet", "plankton"):
@@ -357,3 +432,41 @@ def test_decide_errors_name_the_fix(trees):
         decide(tax, probs * 0.5, "argmax")
     with pytest.raises(DataError, match="target_accuracy"):
         fit_thresholds(tax, probs, [1, 2, 3], target_accuracy=1.5)
+
+
+# ------------------------------------------------------------------ the predict command's options
+def test_predict_cli_exposes_decide_options(trees):
+    """Every option of decide() that predict offers reaches decide: --threshold-default, --crm-ranks,
+    --crm-candidates (and misplaced ones are refused, naming the option)."""
+    from types import SimpleNamespace
+
+    from taxonomist.cli.main import build_parser
+    from taxonomist.cli.predict_cmd import decision_options
+
+    tax = trees["fathomnet"]
+    bundle = SimpleNamespace(calibration={}, meta={"threshold": 0.8})
+    parse = build_parser().parse_args
+
+    def options(*extra):
+        return decision_options(parse(["predict", "b", "x.jpg", *extra]), bundle)
+
+    probs = random_probs(np.random.default_rng(60), 300, tax.n_labels, sharp=2.0)
+    # threshold: a rank left out of --rank-thresholds takes --threshold-default
+    opt = options("--rank-thresholds", '{"species": 0.55}', "--threshold-default", "0.7")
+    assert opt == {"threshold": {"species": 0.55}, "default": 0.7}
+    d = decide(tax, probs, "threshold", **opt)
+    assert (decide(tax, probs, "threshold", threshold={r: 0.7 for r in tax.rank_order} | {"species": 0.55}).node
+            == d.node).all()
+    # CRM over labels only, and the rank-step distance over some ranks
+    opt = options("--decision", "crm", "--crm-candidates", "labels")
+    assert tax.is_label[decide(tax, probs, "crm", **opt).node].all()
+    opt = options("--decision", "crm", "--crm-metric", "rank_steps", "--crm-ranks", "family,species")
+    assert opt["ranks"] == ["family", "species"]
+    want = expected_distances(tax, probs, "rank_steps", ranks=["family", "species"]).argmin(axis=1)
+    assert (decide(tax, probs, "crm", **opt).node == want).all()
+    for bad, msg in ((["--decision", "crm", "--threshold-default", "0.5"], "--threshold-default"),
+                     (["--crm-ranks", "genus"], "--crm-ranks"),
+                     (["--decision", "crm", "--crm-ranks", "genus"], "rank_steps"),
+                     (["--rank-thresholds", "0.5"], "JSON object")):
+        with pytest.raises(ConfigError, match=msg):
+            options(*bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .evaluate_cmd import add_runtime_args, cache_dir_for, resolve_bundle
@@ -21,7 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="back-off threshold (default: the bundle's calibrated or training value)")
     p.add_argument("--rank-thresholds", default=None,
                    help="per-rank thresholds as JSON, e.g. '{\"species\":0.55,\"genus\":0.6}'")
-    p.add_argument("--crm-metric", choices=["path", "lca_height", "rank_steps"], default="path")
+    p.add_argument("--threshold-default", type=float, default=None, metavar="TAU",
+                   help="threshold for the ranks that --rank-thresholds (or the calibrated per-rank thresholds) "
+                        "leave out or set to null; without it such ranks are never answered")
+    p.add_argument("--crm-metric", choices=["path", "lca_height", "rank_steps"], default="path",
+                   help="distance whose expected value CRM minimises (rank_steps: the FathomNet 2025 score)")
+    p.add_argument("--crm-ranks", default=None,
+                   help="comma-separated ranks counted by --crm-metric rank_steps (default: every rank)")
+    p.add_argument("--crm-candidates", choices=["all", "labels"], default="all",
+                   help="answers CRM may give: every node of the tree (default) or the label nodes only")
     p.add_argument("--lam", type=float, default=None,
                    help="DARTS lambda for --decision darts (default: the bundle's calibrated value, else 0)")
     p.add_argument("--no-calibration", action="store_true",
@@ -36,21 +45,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 def decision_options(args: argparse.Namespace, bundle) -> dict:
     """Options of the chosen decision rule: command-line values first, then the bundle's calibration
     (``taxonomist calibrate``), then the training default."""
+    from ..errors import ConfigError
+
+    if getattr(args, "threshold_default", None) is not None and args.decision != "threshold":
+        raise ConfigError("--threshold-default only applies with --decision threshold")
+    if (getattr(args, "crm_ranks", None) or getattr(args, "crm_candidates", "all") != "all") \
+            and args.decision != "crm":
+        raise ConfigError("--crm-ranks and --crm-candidates only apply with --decision crm")
     if args.decision == "threshold":
+        extra = {"default": args.threshold_default} if getattr(args, "threshold_default", None) is not None else {}
         if args.rank_thresholds:
             try:
-                return {"threshold": json.loads(args.rank_thresholds)}
+                thr = json.loads(args.rank_thresholds)
             except json.JSONDecodeError as exc:
-                from ..errors import ConfigError
-
                 raise ConfigError(f"--rank-thresholds is not valid JSON ({exc}); write e.g. "
                                   "'{\"species\": 0.55, \"genus\": 0.6}'") from None
+            if not isinstance(thr, dict):
+                raise ConfigError(f"--rank-thresholds must be a JSON object of rank: threshold, got {thr!r}; "
+                                  "for one threshold use --threshold")
+            return {"threshold": thr, **extra}
         cal = bundle.calibration.get("thresholds")
         if args.threshold is None and cal is not None:
-            return {"threshold": cal}
-        return {"threshold": args.threshold if args.threshold is not None else bundle.meta.get("threshold", 0.8)}
+            return {"threshold": cal, **extra}
+        return {"threshold": args.threshold if args.threshold is not None else bundle.meta.get("threshold", 0.8),
+                **extra}
     if args.decision == "crm":
-        return {"metric": args.crm_metric}
+        out = {"metric": args.crm_metric, "candidates": getattr(args, "crm_candidates", "all")}
+        if getattr(args, "crm_ranks", None):
+            if args.crm_metric != "rank_steps":
+                raise ConfigError("--crm-ranks only applies with --crm-metric rank_steps")
+            out["ranks"] = [r.strip() for r in args.crm_ranks.split(",") if r.strip()]
+        return out
     if args.decision == "darts":
         lam = args.lam if getattr(args, "lam", None) is not None else bundle.calibration.get("darts_lambda")
         return {"lam": float(lam or 0.0)}
@@ -76,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_calibration:
         bundle.calibration = {}   # in memory only: bundle.json keeps it
     table = load_images(args.inputs, bundle.taxonomy)
+    report = getattr(table, "report", None)
+    if report is not None and (report.notes or not report.ok):  # ignored files, sub-folders, unknown labels
+        print(report, file=sys.stderr)
     probs, attr_probs = bundle.predict(table, cache_dir=cache_dir_for(args), batch_size=args.batch_size,
                                        num_workers=args.num_workers, progress=not args.no_progress)
     rows = prediction_rows(bundle.taxonomy, table, probs, method=args.decision, top_k=args.top_k,

@@ -161,6 +161,36 @@ def node_levels(tax: Taxonomy, names: list[str] | None = None) -> np.ndarray:
     return out
 
 
+def threshold_levels(tax: Taxonomy, names: list[str] | None = None) -> np.ndarray:
+    """Level (index into ``names``, default :func:`level_names`) whose threshold each node uses; -1 for the root.
+
+    A node with a rank uses its rank. A node without one (FathomNet's Tunicata,
+    Caridea, Acanthascinae: subphylum, infraorder, subfamily) uses the rank of
+    its nearest ranked ancestor (the root's rank counts), being a subdivision of
+    it; one with no ranked ancestor at all (under an unranked root) uses the
+    first rank. So every node below the root has a level, each lineage's levels
+    never decrease going down, and the nodes of one level form one contiguous
+    run on every lineage. Unranked trees: the depth level, as :func:`node_levels`.
+    """
+    names = level_names(tax) if names is None else names
+    if not tax.has_ranks:
+        return node_levels(tax, names)
+    ranks = tax.ranks.astype(str)
+    own = np.full(tax.n_nodes, -1, dtype=np.int64)
+    for j, r in enumerate(names):
+        own[ranks == r] = j
+    lv = own.copy()
+    # propagate the nearest ranked ancestor's level down, one depth at a time (a loop over depths only)
+    by_depth = np.argsort(tax.depth, kind="stable")
+    bounds = np.searchsorted(tax.depth[by_depth], np.arange(tax.max_depth + 2))
+    for d in range(1, tax.max_depth + 1):
+        ids = by_depth[bounds[d]:bounds[d + 1]]
+        lv[ids] = np.where(own[ids] >= 0, own[ids], lv[tax.parent[ids]])
+    lv[lv < 0] = 0
+    lv[0] = -1
+    return lv
+
+
 def how_labels(tax: Taxonomy, nodes: np.ndarray, start: np.ndarray) -> list[str]:
     """``"label"`` where the chosen node is the start label, else ``backoff_to_<rank>`` (the node's
     rank), ``backoff_to_root`` (an unranked root) or ``backoff_to_depth_<d>`` (an unranked node)."""

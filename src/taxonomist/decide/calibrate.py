@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 
 from ..errors import DataError
 from ..taxonomy import Taxonomy
-from .base import check_label_probs, check_truth, level_names, node_levels, path_masses
+from .base import check_label_probs, check_truth, level_names, path_masses, threshold_levels
 from .darts import darts_choice
 
 
@@ -105,16 +105,41 @@ def _check_target(target_accuracy: float) -> float:
     return target
 
 
-def _largest_accepted(m: np.ndarray, c: np.ndarray, target: float) -> float | None:
-    """Smallest threshold t such that the samples with mass >= t are >= target accurate (None if none)."""
+def _largest_accepted(m: np.ndarray, dstop: np.ndarray, dcor: np.ndarray, target: float) -> float | None:
+    """Smallest threshold t whose stopping samples are >= ``target`` correct (None if none qualifies).
+
+    One entry per (sample, node of the level on its lineage), sorted by mass
+    ``m`` descending: ``dstop`` is 1 for a sample's shallowest node of the level
+    (the sample stops at the level once ``t <= m`` there) and ``dcor`` the change
+    in that sample's correctness when its answer moves down to this node (its
+    correctness at the shallowest node for that one). Masses never grow down a
+    lineage, so at any ``t`` the cumulative sums over the entries with
+    ``m >= t`` count the samples stopping at the level and how many of their
+    answers (the deepest node of the level with mass >= t) are right.
+    """
     if len(m) == 0:
         return None
-    order = np.argsort(-m, kind="stable")
-    ms, cs = m[order], c[order]
-    ends = np.r_[np.flatnonzero(np.diff(ms) != 0), len(ms) - 1]  # last index of each tie group
-    acc = np.cumsum(cs)[ends] / (ends + 1)
+    ends = np.r_[np.flatnonzero(np.diff(m) != 0), len(m) - 1]  # last index of each tie group
+    acc = np.cumsum(dcor)[ends] / np.cumsum(dstop)[ends]
     ok = np.flatnonzero(acc >= target - 1e-12)
-    return float(ms[ends[ok[-1]]]) if len(ok) else None
+    return float(m[ends[ok[-1]]]) if len(ok) else None
+
+
+def _level_entries(anc: np.ndarray, mass: np.ndarray, correct: np.ndarray, node_lv: np.ndarray, j: int):
+    """Entries of level ``j`` for :func:`_largest_accepted`, sorted by mass descending:
+    (sample, mass, dstop, dcor), plus each sample's mass at its shallowest node of the level (-inf if none)."""
+    at = node_lv == j
+    above = np.zeros_like(at)
+    above[:, 1:] = at[:, :-1]
+    r, c = np.nonzero(at)
+    first = ~above[r, c]
+    cor = correct[r, c].astype(np.int64)
+    prev = np.where(first, 0, correct[r, np.maximum(c - 1, 0)].astype(np.int64))
+    m = mass[r, c]
+    order = np.argsort(-m, kind="stable")
+    top_mass = np.full(len(anc), -np.inf)
+    top_mass[r[first]] = m[first]
+    return r[order], m[order], first[order].astype(np.int64), (cor - prev)[order], top_mass
 
 
 def fit_thresholds(tax: Taxonomy, label_probs: object, truth: object, target_accuracy: float = 0.9,
@@ -135,7 +160,11 @@ def fit_thresholds(tax: Taxonomy, label_probs: object, truth: object, target_acc
     overall validation accuracy still reaches ``target_accuracy``, so the
     thresholds answer as deep as the target allows rather than making every
     rank meet it on its own. A rank where no threshold qualifies maps to
-    ``None`` (never stop there).
+    ``None`` (never stop there). An unranked node belongs to the rank of its
+    nearest ranked ancestor, as in :func:`~taxonomist.decide.threshold.node_thresholds`
+    (:func:`~taxonomist.decide.base.threshold_levels`), so that rank's
+    threshold is fitted on its run of nodes on each lineage (FathomNet: Chordata
+    and Tunicata for phylum) and every label stays reachable.
 
     Returns a float, or ``{rank: threshold or None}``; pass it as
     ``decide(..., method="threshold", threshold=...)``.
@@ -160,29 +189,23 @@ def fit_thresholds(tax: Taxonomy, label_probs: object, truth: object, target_acc
             return float(np.nextafter(theta[0], np.inf))
         return float(theta[ends[ok[-1]]])
     names = level_names(tax)
-    lv = node_levels(tax, names)
+    lv = threshold_levels(tax, names)
     node_lv = np.where(anc >= 0, lv[np.maximum(anc, 0)], -1)
-    # per level: the mass and correctness of each sample's node at that level (if its lineage has one)
-    rows = np.arange(n)
-    tables = []
-    for j in range(len(names)):
-        at = node_lv == j
-        col = np.argmax(at, axis=1)
-        tables.append((at.any(axis=1), mass[rows, col], correct[rows, col]))
+    # per level: the (sample, node) entries of the level's run of nodes on each lineage, sorted once
+    tables = [_level_entries(anc, mass, correct, node_lv, j) for j in range(len(names))]
 
     def greedy(alpha: float) -> tuple[dict[str, float | None], float]:
         remaining = np.ones(n, dtype=bool)
         out: dict[str, float | None] = {}
         n_correct = 0
         for j in range(len(names) - 1, -1, -1):
-            has, m, c = tables[j]
-            sel = has & remaining
-            tau = _largest_accepted(m[sel], c[sel], alpha)
+            r, m, dstop, dcor, top_mass = tables[j]
+            sel = remaining[r]
+            tau = _largest_accepted(m[sel], dstop[sel], dcor[sel], alpha)
             out[names[j]] = tau
             if tau is not None:
-                stop = sel & (m >= tau)
-                n_correct += int(c[stop].sum())
-                remaining &= ~stop
+                n_correct += int(dcor[sel & (m >= tau)].sum())
+                remaining &= ~(top_mass >= tau)
         return {r: out[r] for r in names}, (n_correct + int(remaining.sum())) / n
 
     # the group accuracy alpha trades depth for accuracy; alpha = 1 always meets the target

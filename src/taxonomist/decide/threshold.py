@@ -9,9 +9,12 @@ root is always accepted, so every sample gets an answer.
   the deepest ancestor-or-self of the top label with mass >= 0.8.
 * ``threshold={"species": 0.55, "genus": 0.60, ...}`` (per rank; for an
   unranked tree per depth level ``level1``, ``level2``, ...): a node uses the
-  threshold of its own rank. Nodes whose rank is not in the mapping, or maps to
-  ``None``, are walked past (never chosen) unless ``default`` gives them a
-  threshold. The FathomNet scaffold defaults are :data:`FATHOMNET_THRESHOLDS`.
+  threshold of its own rank; a node **without a rank** uses that of its nearest
+  ranked ancestor (:func:`~taxonomist.decide.base.threshold_levels`: FathomNet's
+  Tunicata uses phylum's, Caridea order's, Acanthascinae family's), so every
+  label can be answered. A rank missing from the mapping, or mapped to
+  ``None``, takes ``default``; without one its nodes are walked past (never
+  chosen). The FathomNet scaffold defaults are :data:`FATHOMNET_THRESHOLDS`.
 
 Vectorised: the lineage of every top label is one row of the ancestor matrix
 ``[N, depth + 1]``; masses are gathered from the node probabilities and the
@@ -33,7 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..taxonomy import Taxonomy
-from .base import Decision, check_label_probs, how_labels, level_names, node_levels, path_masses
+from .base import Decision, check_label_probs, how_labels, level_names, path_masses, threshold_levels
 
 #: the per-rank back-off thresholds of the FathomNet 2025 scaffold
 FATHOMNET_THRESHOLDS: dict[str, float] = {"species": 0.55, "genus": 0.60, "family": 0.65, "order": 0.70,
@@ -43,16 +46,22 @@ Threshold = float | Mapping[str, float | None]
 
 
 def node_thresholds(tax: Taxonomy, threshold: Threshold, default: float | None = None) -> np.ndarray:
-    """Threshold of every node (``inf`` = never stop there; the root gets ``-inf``: always accepted)."""
+    """Threshold of every node (``inf`` = never stop there; the root gets ``-inf``: always accepted).
+
+    Per rank: a node's level is its rank, or its nearest ranked ancestor's for
+    an unranked node (:func:`threshold_levels`); a level missing from the
+    mapping or mapped to ``None`` takes ``default`` (``inf`` when ``default`` is None).
+    """
     if isinstance(threshold, Mapping):
         names = level_names(tax)
         unknown = [k for k in threshold if k not in names]
         if unknown:
             kind = "ranks" if tax.has_ranks else "levels (unranked tree: depths)"
             raise ConfigError(f"threshold keys {unknown} are not {kind} of this taxonomy; use some of {names}")
-        per_level = np.array([np.inf if threshold.get(r) is None else _check_tau(threshold[r], r)
-                              for r in names] + [np.inf if default is None else _check_tau(default, "default")])
-        lv = node_levels(tax, names)
+        fallback = np.inf if default is None else _check_tau(default, "default")
+        per_level = np.array([fallback if threshold.get(r) is None else _check_tau(threshold[r], r)
+                              for r in names] + [fallback])
+        lv = threshold_levels(tax, names)
         thr = per_level[np.where(lv >= 0, lv, len(names))]
     else:
         thr = np.full(tax.n_nodes, _check_tau(threshold, "threshold"))
