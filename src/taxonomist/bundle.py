@@ -10,9 +10,14 @@
       preprocess.json  image size, resize mode, normalisation
       config.yaml      the resolved training config (for the record)
 
-A frozen packaged backbone (the offline default) is not copied into the bundle;
-its weights key is stored and checked when the bundle is loaded, so a bundle
-never silently runs on other weights.
+A frozen packaged backbone (the offline default EfficientNet-Lite0 with its
+installed ImageNet weights) is not copied into the bundle; its weights key is
+stored and checked when the bundle is loaded, so a bundle never silently runs on
+other weights. Every other frozen backbone (a timm model, random init or from a
+local weights file; Lite0 random or from a file) has its weights saved in
+``model.pt`` under ``backbone.`` (``backbone.weights_in_bundle`` in bundle.json),
+so the bundle does not depend on that file or on how a random init is drawn; it
+keeps the training run's weights key, so the feature cache still serves it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ from .utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 BUNDLE_FORMAT = "taxonomist-bundle"
 BUNDLE_VERSION = 1
+BACKBONE_PREFIX = "backbone."
+"""Prefix of a frozen backbone's weights in model.pt (``backbone.weights_in_bundle``)."""
+
+
+def is_packaged_backbone(name: str, pretrained: bool | str) -> bool:
+    """True for the weights installed with taxonomist (the offline EfficientNet-Lite0 ImageNet weights),
+    which a bundle references by weights key instead of copying."""
+    from .models.backbones import OFFLINE_DEFAULT
+
+    if isinstance(pretrained, str):
+        pretrained = {"true": True, "yes": True}.get(pretrained.strip().lower(), pretrained)
+    return name == OFFLINE_DEFAULT and pretrained is True
 
 
 def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module, taxonomy, preprocess: Preprocess,
@@ -44,6 +61,9 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module,
     bb = config.model.backbone
     state = model.state_dict()
     includes_backbone = getattr(model, "backbone", None) is not None
+    weights_in_bundle = not includes_backbone and not is_packaged_backbone(bb.name, bb.pretrained)
+    if weights_in_bundle:  # a frozen backbone that is not installed with taxonomist: its weights travel along
+        state = {**state, **{f"{BACKBONE_PREFIX}{k}": v for k, v in backbone.state_dict().items()}}
     atomic_torch_save(out / "model.pt", state)
     save_taxonomy(taxonomy, out / "taxonomy.json")
     atomic_write_json(out / "preprocess.json", preprocess.to_json())
@@ -54,8 +74,9 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, backbone: nn.Module,
                      "trainable": bb.trainable or getattr(bb, "lora", None) is not None,
                      "lora": bb.lora.model_dump() if getattr(bb, "lora", None) is not None else None,
                      "multiscale": bb.multiscale,
-                     "weights_key": backbone.weights_key, "num_features": backbone.num_features,
-                     "in_model_state": includes_backbone},
+                     "weights_key": backbone.weights_key, "weights_id": backbone.weights_id,
+                     "num_features": backbone.num_features,
+                     "in_model_state": includes_backbone, "weights_in_bundle": weights_in_bundle},
         "neck": config.model.neck.model_dump(), "head": config.model.head.model_dump(),
         "taxonomy_fingerprint": taxonomy.fingerprint, "labels": taxonomy.label_names,
         "ranks": config.ranks, "calibration": {}, **(extra or {}),
@@ -226,10 +247,20 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
                         f"{taxonomy.fingerprint} vs {meta['taxonomy_fingerprint']}); the bundle was modified")
     preprocess = Preprocess.from_json(json.loads((path / "preprocess.json").read_text()))
     bb = meta["backbone"]
-    backbone = create_backbone(bb["name"], pretrained=bb["pretrained"] if not bb["in_model_state"] else False,
-                               trainable=False, image_size=preprocess.image_size,
+    in_bundle = bool(bb.get("weights_in_bundle"))
+    backbone = create_backbone(bb["name"], pretrained=bb["pretrained"] if not (bb["in_model_state"] or in_bundle)
+                               else False, trainable=False, image_size=preprocess.image_size,
                                multiscale=bool(bb.get("multiscale", False)))
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if in_bundle:  # the frozen backbone's own weights, saved with the model: the same function as in training
+        bb_state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+        try:
+            backbone.load_state_dict(bb_state, strict=True)
+        except RuntimeError as exc:
+            raise DataError(f"{path}: the backbone weights in model.pt do not fit {bb['name']!r} as built here "
+                            f"({str(exc).splitlines()[0]}); was the bundle made with another timm version?") from None
+        backbone.weights_id = bb["weights_id"]  # the identity of the trained-with weights (feature cache key)
     extras: dict[str, Any] = {
         "attributes": {n: len(v) for n, v in (meta.get("attributes") or {}).items()} or None,
         "metadata": (meta.get("metadata") or {}).get("fusion")}
