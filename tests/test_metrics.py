@@ -17,10 +17,13 @@ from taxonomist.metrics import (
     darts_curve,
     expected_calibration_error,
     haurc,
+    hierarchical_distance_at_k,
     hierarchical_prf,
     mean_rank_distance,
+    mistake_severity,
     path_violations,
     per_class_report,
+    ranked_distances,
     reliability_by_level,
     reliability_diagram,
     risk_coverage_curve,
@@ -285,6 +288,46 @@ def test_stable_keys(case):
     missing = [k for k in required if k not in got]
     assert not missing
     assert got["hdist@1"] == pytest.approx(got["top1_error"] * got["mistake_severity"])
+
+
+def test_public_label_level_functions_equal_compute_metrics(case):
+    """One definition: the public mistake_severity / hierarchical_distance_at_k give compute_metrics'
+    values on the same data (partial truths included in the input), and both leave partial truths out."""
+    name, tax, probs, truth = case
+    ref = Ref(tax)
+    m = compute_metrics(tax, probs, truth)
+    ranked = tax.label_ids[np.argsort(-probs, axis=1, kind="stable")[:, :5]]
+    assert m["n_partial_truth"] > 0
+    assert mistake_severity(tax, ranked[:, 0], truth) == pytest.approx(m["mistake_severity"], rel=1e-12)
+    assert hierarchical_distance_at_k(tax, ranked[:, :1], truth) == pytest.approx(m["hdist@1"], rel=1e-12)
+    assert hierarchical_distance_at_k(tax, ranked, truth) == pytest.approx(m["hdist@5"], rel=1e-12)
+    # the definition, by hand: label truths only
+    lab = [i for i, t in enumerate(truth) if t > 0 and tax.is_label[t]]
+    sev = [ref.d_h(int(ranked[i, 0]), int(truth[i])) for i in lab if ranked[i, 0] != truth[i]]
+    assert m["mistake_severity"] == pytest.approx(np.mean(sev), rel=1e-12)
+    # truths that are all partial: no label-level value (and the public functions agree)
+    partial = np.array([t if t > 0 and not tax.is_label[t] else -1 for t in truth])
+    assert math.isnan(mistake_severity(tax, ranked[:, 0], partial))
+    assert math.isnan(hierarchical_distance_at_k(tax, ranked, partial))
+    mp = compute_metrics(tax, probs, partial)
+    assert mp["mistake_severity"] is None and mp["hdist@5"] is None and mp["top1_error"] is None
+    assert ranked_distances(tax, ranked, truth).shape == (m["n_label_truth"], 5)
+
+
+def test_contract_keys_whatever_k(case):
+    """top1/top5 keys are always there: k=1 or k=3 add nothing and drop nothing of the contract."""
+    name, tax, probs, truth = case
+    base = compute_metrics(tax, probs, truth)
+    for k in (1, 3):
+        m = compute_metrics(tax, probs, truth, k=k)
+        for key in ("top1_error", "top5_error", "hdist@1", "hdist@5", "mistake_severity", "ece", "haurc"):
+            assert m[key] == base[key], (k, key)
+        for lv in levels_of(tax)[0]:
+            assert m[f"{lv}/top1"] == base[f"{lv}/top1"] and m[f"{lv}/top5"] == base[f"{lv}/top5"]
+    m3 = compute_metrics(tax, probs, truth, k=3)
+    want = reference_metrics(tax, probs, truth, k=3)
+    for key in ("top3_error", "hdist@3"):
+        assert m3[key] == pytest.approx(want[key], rel=1e-9), key
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

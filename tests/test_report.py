@@ -88,6 +88,47 @@ def test_eval_dir_refuses_mixed_files(eval_dir, tmp_path, taxonomies_dir):
         find_eval_dir(tmp_path)
 
 
+def test_report_accepts_eval_dir_metrics_file_and_run_folder(eval_dir, tmp_path):
+    """`taxonomist report RUN_OR_METRICS`: an evaluation folder, a metrics file in one (its values are
+    shown), a run folder and a bundle folder (their evaluation where `evaluate` writes it)."""
+    m = json.loads((eval_dir / "metrics.json").read_text())
+
+    def card(top1_error):  # the headline card of the top-1 accuracy
+        return f'{100 * (1 - top1_error):.1f}%</div><div class="k">top-1 accuracy (label)'
+    want = card(m["top1_error"])
+    # the evaluation folder itself
+    out = tmp_path / "a.html"
+    assert cli(["report", str(eval_dir), "--out", str(out)]) == 0 and want in out.read_text()
+    # its metrics.json: the same folder and values
+    out = tmp_path / "b.html"
+    assert cli(["report", str(eval_dir / "metrics.json"), "--out", str(out)]) == 0 and want in out.read_text()
+    assert find_eval_dir(eval_dir / "metrics.json") == eval_dir
+    # another metrics file in the folder (evaluate --out other.json): its values are the ones shown
+    ev = tmp_path / "ev"
+    shutil.copytree(eval_dir, ev)
+    (ev / "other.json").write_text(json.dumps({**m, "top1_error": 0.0123}))
+    out = tmp_path / "c.html"
+    assert cli(["report", str(ev / "other.json"), "--out", str(out)]) == 0
+    assert card(0.0123) in out.read_text() and want not in out.read_text()
+    # a run folder and a bundle folder: <run>/bundle/eval, where `taxonomist evaluate` writes by default
+    run = tmp_path / "run"
+    shutil.copytree(eval_dir, run / "bundle" / "eval")
+    (run / "bundle" / "bundle.json").write_text("{}")
+    assert find_eval_dir(run) == run / "bundle" / "eval" and find_eval_dir(run / "bundle") == run / "bundle" / "eval"
+    assert cli(["report", str(run)]) == 0
+    assert want in (run / "bundle" / "eval" / "report.html").read_text()
+    # a metrics file with no evaluation beside it (e.g. from `taxonomist score`): refused, saying why
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="not an evaluation folder.*taxonomist evaluate"):
+        find_eval_dir(lone / "metrics.json")
+    assert cli(["report", str(lone / "metrics.json")]) == 1
+    with pytest.raises(DataError, match="not a metrics file"):
+        from taxonomist.report.evaldir import read_metrics_file
+        read_metrics_file(ev / "taxonomy.json")
+
+
 # ------------------------------------------------------------------ the numbers
 def test_group_level_and_confusion_match_reference(eval_dir):
     rec = load_eval_dir(eval_dir)

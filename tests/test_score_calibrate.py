@@ -101,9 +101,70 @@ def test_score_fathomnet_submission(tmp_path, fn_csv, lineages):
         right = [p in lineages and len(lineages[p]) > j and lineages[p][j] == lineages[t][j] for p, t in inc]
         assert m[f"{r}/n"] == len(inc)
         assert m[f"{r}/accuracy"] == pytest.approx(np.mean(right)), r
-    # metrics that need probabilities are not claimed for hard predictions
-    for key in ("top1_error", "ece", "haurc", "hdist@5"):
-        assert key not in m
+    # the metrics.json contract: top-1 error and <rank>/top1 of hard answers, the keys that need
+    # probabilities or a ranking present as null
+    assert m["n_label_truth"] == 9 and m["n_partial_truth"] == 0       # every truth here is a label
+    assert m["top1_error"] == pytest.approx(1 - m["exact_accuracy"]) == pytest.approx(8 / 9)
+    for r in RANKS:
+        assert m[f"{r}/top1"] == m[f"{r}/accuracy"]
+    for key in ("ece", "haurc", "hdist@5", "top5_error"):
+        assert key in m and m[key] is None
+    contract = ["top1_error", "mistake_severity", "hdist@1", "hdist@5", "mean_path_distance", "mean_rank_distance",
+                "hp", "hr", "hf", "hp_macro", "hr_macro", "hf_macro", "ece", "haurc", "n_samples"]
+    assert not [k for k in contract + [f"{r}/top1" for r in RANKS] if k not in m]
+    # LCA heights by hand (heights from walking every leaf up the parent array); an unknown name: the root's
+    tax = load(fn_csv)
+    height = [0] * tax.n_nodes
+    for leaf in range(tax.n_nodes):
+        if not (tax.parent == leaf).any():
+            u, h = leaf, 0
+            while u >= 0:
+                height[u] = max(height[u], h)
+                u, h = int(tax.parent[u]), h + 1
+
+    def path(v):
+        out = [v]
+        while out[-1] > 0:
+            out.append(int(tax.parent[out[-1]]))
+        return out[::-1]
+
+    def d_h(p, t):
+        if p not in lineages:
+            return height[0]
+        a, b = path(tax.find(p)), path(tax.find(t))
+        if a == b:
+            return 0
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        return height[a[k - 1]]
+    d = [d_h(p, t) for p, t in PAIRS]
+    assert m["hdist@1"] == pytest.approx(np.mean(d))
+    assert m["mistake_severity"] == pytest.approx(np.mean([x for x in d if x > 0]))
+
+
+def test_score_writes_metrics_json_by_default(tmp_path, fn_csv, fn_tax):
+    """Without --out, metrics.json goes beside the predictions (and the path is printed); an evaluation
+    folder's own metrics.json is left alone (score_metrics.json instead)."""
+    sub = _write(tmp_path / "submission.csv", [("1", "Sebastes"), ("2", "Asteronyx")])
+    truth = _write(tmp_path / "truth.csv", [("1", "Sebastes diploproa"), ("2", "Asteronyx loveni")])
+    args = ["score", str(sub), "--truth", str(truth), "--taxonomy", str(fn_csv)]
+    assert cli(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["mean_rank_distance"] == 1.0 and m["input"] == "names"
+    # an evaluation folder: probabilities with their own truth; evaluate's metrics.json is not touched
+    from taxonomist.report import save_eval_dir
+
+    rng = np.random.default_rng(6)
+    t = rng.choice(fn_tax.label_ids, 40)
+    p = rng.dirichlet(np.full(fn_tax.n_labels, 0.5), 40)
+    ev = tmp_path / "eval"
+    save_eval_dir(ev, taxonomy=fn_tax, label_probs=p, truth=t, metrics={"written_by": "evaluate"})
+    assert cli(["score", str(ev / "predictions.npz"), "--taxonomy", str(fn_csv)]) == 0
+    assert json.loads((ev / "metrics.json").read_text()) == {"written_by": "evaluate"}
+    got = json.loads((ev / "score_metrics.json").read_text())
+    assert got["input"] == "probabilities" and got["n_samples"] == 40
+    assert got["top1_error"] == pytest.approx(np.mean(fn_tax.label_ids[p.argmax(1)] != t))
 
 
 def test_hard_metrics_match_set_reference(fn_tax):
@@ -253,3 +314,35 @@ def test_fit_calibration_recovers_temperature_and_reaches_target(plankton_dir):
     per = fit_calibration(tax, over, truth, target_accuracy=0.9, per_rank=True)
     assert set(per["thresholds"]) == set(tax.level_names()) and per["val_accuracy"] >= 0.9
     json.dumps(cal)                                            # JSON-ready for bundle.json
+
+
+def test_calibrate_per_rank_keeps_unranked_labels_answerable(fn_tax):
+    """`taxonomist calibrate --per-rank` on the FathomNet tree: its unranked labels (Tunicata, Caridea,
+    Acanthascinae) share their nearest ranked ancestor's threshold, so the saved thresholds still
+    answer them when the model is sure (before, they could never be chosen)."""
+    from taxonomist.cli.calibrate_cmd import fit_calibration
+    from taxonomist.decide import decide
+
+    tax = fn_tax
+    unranked = ["Tunicata", "Caridea", "Acanthascinae"]
+    cols = np.array([tax.label_index[tax.find(x)] for x in unranked])
+    rng = np.random.default_rng(8)
+    n = 3000
+    z = rng.normal(size=(n, tax.n_labels)) * 2.5
+    boost = np.flatnonzero(rng.random(n) < 0.4)
+    z[boost, rng.choice(cols, len(boost))] += 9.0
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    truth = tax.label_ids[(p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)]
+    over = np.exp(1.5 * np.log(p))                             # over-confident model
+    over /= over.sum(axis=1, keepdims=True)
+    cal = fit_calibration(tax, over, truth, target_accuracy=0.9, per_rank=True)
+    json.dumps(cal)
+    assert list(cal["thresholds"]) == list(tax.rank_order) and cal["val_accuracy"] >= 0.9
+    scaled = np.exp(np.log(over) / cal["temperature"])
+    scaled /= scaled.sum(axis=1, keepdims=True)
+    d = decide(tax, scaled, "threshold", threshold=cal["thresholds"])
+    for name in unranked:
+        v = tax.find(name)
+        sure = (scaled[:, tax.label_index[v]] > 0.99) & (truth == v)
+        assert sure.sum() > 30 and (d.node[sure] == v).mean() > 0.9, name

@@ -1,9 +1,12 @@
-"""`taxonomist report RUN_OR_EVAL_DIR [--out report.html] [--group-rank R]`
+"""`taxonomist report RUN_OR_METRICS [--out report.html] [--group-rank R]`
 
 Writes the self-contained HTML report of an evaluation folder (see
-:mod:`taxonomist.report`). Given a bundle or run folder it uses its ``eval/``
-folder; when there is none it evaluates the bundle first, on ``--data`` or on
-the validation data named in the run's config.
+:mod:`taxonomist.report`). The argument is an evaluation folder, a metrics
+file in one (``<eval>/metrics.json``, or the ``--out`` file of ``taxonomist
+evaluate``: its values are shown), or a bundle or run folder, whose
+evaluation is where ``evaluate`` writes it (``<bundle>/eval``,
+``<run>/bundle/eval``); when there is none it evaluates the bundle first, on
+``--data`` or on the validation data named in the run's config.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write a self-contained HTML report (figures and image thumbnails embedded) of an "
                                    "evaluation folder written by `taxonomist evaluate`, or of a bundle/run folder "
                                    "(its eval/ folder; evaluated on --data or the run's validation data if missing).")
-    p.add_argument("path", help="evaluation folder, bundle folder or run folder")
+    p.add_argument("path", help="run folder, bundle folder, evaluation folder, or a metrics.json written by "
+                                "`taxonomist evaluate` (its evaluation folder is used)")
     p.add_argument("--out", default=None, help="output HTML file (default: <eval folder>/report.html)")
     p.add_argument("--group-rank", default=None,
                    help="rank/level of the confusion matrix (default: the deepest with <= 30 groups)")
@@ -50,7 +54,8 @@ def validation_data_of(bundle_dir: Path) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, DataError
-    from ..report import find_eval_dir, write_report
+    from ..report import find_eval_dir, load_eval_dir, write_report
+    from ..report.evaldir import read_metrics_file
 
     if args.max_groups < 2:
         raise ConfigError(f"--max-groups must be >= 2, got {args.max_groups}")
@@ -70,7 +75,14 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_bundle(bundle_dir, device=args.device)
         evaluate_to_dir(bundle, data, bundle.path / "eval" / "metrics.json", args, report=False)
         eval_dir = bundle.path / "eval"
-    out = write_report(eval_dir, args.out, group_rank=args.group_rank, max_groups=args.max_groups,
+    source = eval_dir
+    given = Path(args.path)
+    if given.is_file() and given.suffix.lower() == ".json":   # a metrics file: show its values
+        metrics = read_metrics_file(given)
+        source = load_eval_dir(eval_dir)
+        source.metrics = metrics
+        print(f"metrics from {given}; probabilities and samples from the evaluation folder {eval_dir}")
+    out = write_report(source, args.out, group_rank=args.group_rank, max_groups=args.max_groups,
                        n_worst=args.n_worst, title=args.title)
     print(f"report written to {out}")
     return 0

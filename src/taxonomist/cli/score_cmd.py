@@ -1,5 +1,10 @@
 """`taxonomist score PREDICTIONS --truth TRUTH --taxonomy TREE [--ranks ...] [--out metrics.json]`
 
+Writes ``metrics.json`` beside the predictions file unless ``--out`` says
+where (and prints the path). In an evaluation folder written by
+``taxonomist evaluate`` (with ``eval.json``) the ``metrics.json`` there is
+evaluate's, so the default becomes ``score_metrics.json`` beside it.
+
 Scores saved predictions of any model against truths, on a taxonomy:
 
 * a CSV/TSV of names (a competition submission such as FathomNet 2025's
@@ -50,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="name column of both tables (default: concept_name, name, label, ...)")
     p.add_argument("--missing", choices=["error", "unknown"], default="error",
                    help="truth ids without a prediction: an error (default), or scored as an unknown name")
-    p.add_argument("--out", default=None, help="write the metrics here (JSON)")
+    p.add_argument("--out", default=None,
+                   help="write the metrics here (JSON; default: metrics.json beside PREDICTIONS, or "
+                        "score_metrics.json there when the folder is an evaluation folder of `taxonomist evaluate`)")
     p.set_defaults(func=run)
 
 
@@ -291,11 +298,19 @@ def run(args: argparse.Namespace) -> int:
         if k in m and m[k] is not None:
             v = m[k]
             print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
-    per = [k for k in m if k.endswith("/accuracy") or k.endswith("/top1")]
+    per = [k for k in m if k.endswith("/top1")]
     for k in per:
         if m[k] is not None:
             print(f"  {k:<{width}}  {m[k]:.4f}")
-    if args.out:
-        out = atomic_write_json(args.out, m)
-        print(f"\nmetrics written to {out}")
+    out = atomic_write_json(args.out or default_out(args.predictions), m)
+    print(f"\nmetrics written to {out}")
     return 0
+
+
+def default_out(predictions: str | Path) -> Path:
+    """``metrics.json`` beside the predictions; ``score_metrics.json`` in an evaluation folder, whose
+    metrics.json belongs to ``taxonomist evaluate`` (it is never overwritten without ``--out``)."""
+    from ..report.evaldir import FILES
+
+    folder = Path(predictions).resolve().parent
+    return folder / ("score_metrics.json" if (folder / FILES["meta"]).is_file() else FILES["metrics"])

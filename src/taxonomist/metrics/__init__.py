@@ -24,6 +24,7 @@ from .hierarchical import (
     mistake_severity,
     path_violation_rate,
     path_violations,
+    ranked_distances,
 )
 from .selective import (
     darts_curve,
@@ -40,7 +41,7 @@ __all__ = [
     "level_predictions", "LevelPredictions", "class_report", "per_class_report", "ClassReport",
     "label_positions", "topk_accuracy",
     "mistake_severity", "hierarchical_distance_at_k", "mean_distance", "mean_path_distance",
-    "mean_rank_distance", "hierarchical_prf", "path_violations", "path_violation_rate",
+    "mean_rank_distance", "ranked_distances", "hierarchical_prf", "path_violations", "path_violation_rate",
     "expected_calibration_error", "reliability_diagram", "reliability_by_level",
     "node_coverage", "info_gain", "hierarchically_correct", "risk_coverage_curve", "haurc", "darts_curve",
 ]

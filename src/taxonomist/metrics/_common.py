@@ -136,42 +136,105 @@ class LevelScan:
     position: np.ndarray
 
 
+def ancestor_rows(tax: Taxonomy, nodes: np.ndarray) -> np.ndarray:
+    """``tax.ancestor_matrix(nodes)``; when there are more nodes than tree nodes, rows gathered from
+    the whole tree's matrix (one small table, then one gather) instead of a walk up per node."""
+    if tax.n_nodes <= len(nodes):
+        return tax.ancestor_matrix()[np.asarray(nodes, dtype=np.int64)]
+    return tax.ancestor_matrix(nodes)
+
+
+#: cells (nodes x rows) of one chunk of :func:`scan_nodes`: small enough to stay in cache between its passes
+SCAN_CHUNK_ELEMS = 1 << 18
+
+
 def scan_nodes(tax: Taxonomy, label_probs: np.ndarray, level_nodes: Sequence[np.ndarray] = (),
                level_truth_cols: Sequence[np.ndarray] = (), start: np.ndarray | None = None,
-               chunk_elems: int = CHUNK_ELEMS) -> tuple[list[LevelScan], tuple[np.ndarray, np.ndarray] | None]:
+               chunk_elems: int = SCAN_CHUNK_ELEMS
+               ) -> tuple[list[LevelScan], tuple[np.ndarray, np.ndarray] | None]:
     """One pass over row chunks computing every node probability once, then reading from it:
 
     * for each level (its node ids, and the column of each sample's truth among
-      them, -1 if none): argmax node, confidence and truth position;
+      them, -1 if none): argmax node (ties: the first of ``nodes``), confidence
+      and truth position (:func:`stable_position`);
     * if ``start`` is given, :func:`path_masses` of those start nodes.
+
+    Layout: the marginalisation matrix is transposed and its rows ordered level
+    by level, so one sparse product per chunk, ``P^T = M^T[order] @ X^T``, puts
+    each level's node probabilities in a contiguous ``[n_level, rows]`` block,
+    with no gather. The argmax runs down the block's rows with whole-row
+    operations (a max, an equality and a max of reversed indices), each a
+    vectorised pass over the samples. Every value is the same sum over the same
+    labels in the same order as :meth:`Taxonomy.node_probabilities` (bitwise).
     """
     n = len(label_probs)
+    level_nodes = [np.asarray(v, dtype=np.int64) for v in level_nodes]
     scans = [LevelScan(np.full(n, -1, dtype=np.int64), np.full(n, np.nan), np.full(n, -1, dtype=np.int64))
              for _ in level_nodes]
     anc = mass = None
     if start is not None:
-        anc = tax.ancestor_matrix(start)
+        anc = ancestor_rows(tax, start)
         mass = np.full(anc.shape, -np.inf)
     if n and (start is not None or any(len(v) for v in level_nodes)):
-        for lo, hi, p_all in node_prob_chunks(tax, label_probs, None, chunk_elems):
-            rows = np.arange(hi - lo)
-            for nodes, tcol, sc in zip(level_nodes, level_truth_cols, scans):
-                if not len(nodes):
+        in_levels = np.concatenate(level_nodes) if level_nodes else np.zeros(0, dtype=np.int64)
+        order = in_levels
+        if start is not None:
+            rest = np.ones(tax.n_nodes, dtype=bool)
+            rest[in_levels] = False
+            order = np.r_[in_levels, np.flatnonzero(rest)]
+        row_of = np.zeros(tax.n_nodes, dtype=np.int64)
+        row_of[order] = np.arange(len(order))
+        mt = sp.csr_matrix(tax.marginalization_matrix().T.astype(np.float64))[order]
+        bounds = np.r_[0, np.cumsum([len(v) for v in level_nodes])].astype(np.int64)
+        # argmax by "max, then the first row equal to it": rows weighted k, k-1, ..., 1, the largest weight wins
+        weights = [(len(v) - np.arange(len(v))).astype(_weight_dtype(len(v)))[:, None] for v in level_nodes]
+        anc_rows = row_of[np.maximum(anc, 0)] if anc is not None else None
+        rows_per = max(1, chunk_elems // max(len(order), 1))
+        for lo in range(0, n, rows_per):
+            hi = min(n, lo + rows_per)
+            pt = mt @ np.ascontiguousarray(label_probs[lo:hi].T)  # [len(order), rows]
+            cols = np.arange(hi - lo)
+            for j, (nodes, tcol, sc) in enumerate(zip(level_nodes, level_truth_cols, scans)):
+                k = len(nodes)
+                if k == 0:
                     continue
-                p = p_all[:, nodes]
-                best = p.argmax(axis=1)
+                block = pt[bounds[j]:bounds[j + 1]]
+                best_p = block.max(axis=0)
+                if k == 1:
+                    best = np.zeros(hi - lo, dtype=np.int64)
+                else:
+                    best = k - ((block == best_p) * weights[j]).max(axis=0).astype(np.int64)
                 sc.pred[lo:hi] = nodes[best]
-                sc.confidence[lo:hi] = p[rows, best]
-                sc.position[lo:hi] = stable_position(p, tcol[lo:hi])
+                sc.confidence[lo:hi] = best_p
+                sc.position[lo:hi] = _stable_position_t(block, tcol[lo:hi], cols)
             if start is not None:
                 a = anc[lo:hi]
-                got = p_all[rows[:, None], np.maximum(a, 0)]
+                got = pt[anc_rows[lo:hi], cols[:, None]]
                 mass[lo:hi] = np.where(a >= 0, got, -np.inf)
     if start is None:
         return scans, None
     mass = np.maximum.accumulate(mass[:, ::-1], axis=1)[:, ::-1]
     mass[anc < 0] = -np.inf
     return scans, (anc, mass)
+
+
+def _weight_dtype(k: int) -> type:
+    return np.uint8 if k < 1 << 8 else np.uint16 if k < 1 << 16 else np.int64
+
+
+def _stable_position_t(block: np.ndarray, col: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """:func:`stable_position` on a transposed ``[k, rows]`` block (``col`` indexes its rows)."""
+    ok = col >= 0
+    c = np.maximum(col, 0)
+    s = block[c, cols]
+    dt = _weight_dtype(len(block) + 1)
+    # counts down the rows: a sum of the 0/1 bytes in the smallest integer type that holds k
+    pos = (block > s).view(np.uint8).sum(axis=0, dtype=dt).astype(np.int64)
+    eq = block == s
+    tied = np.flatnonzero(eq.view(np.uint8).sum(axis=0, dtype=dt) > 1)  # the truth's row ties with itself
+    if len(tied):
+        pos[tied] += np.count_nonzero(eq[:, tied] & (np.arange(len(block))[:, None] < c[tied]), axis=0)
+    return np.where(ok, pos, -1)
 
 
 def path_masses(tax: Taxonomy, label_probs: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

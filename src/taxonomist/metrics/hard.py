@@ -11,9 +11,13 @@ rank) has no probabilities, so only the metrics that compare two nodes apply.
 * ``mean_rank_distance`` (ranked trees): the FathomNet 2025 score, rank steps
   between prediction and truth through their LCA over ``distance_ranks``
   (default: every rank); ``mean_path_distance``: edges through the LCA.
-* ``mistake_severity`` (mean LCA height over the predictions that are not the
-  truth) and ``hdist@1`` (the same with correct answers counting 0), after
-  Bertinetto et al., CVPR 2020.
+* ``top1_error`` (1 - exact accuracy), ``mistake_severity`` (mean LCA height
+  over the predictions that are not the truth) and ``hdist@1`` (the same with
+  correct answers counting 0), after Bertinetto et al., CVPR 2020. These are
+  label-level keys with the one definition of
+  :func:`taxonomist.metrics.hierarchical.ranked_distances`: they use the samples
+  whose truth is a label node (``n_label_truth``), exactly as ``compute_metrics``
+  does, so ``top1_error = 1 - exact_accuracy`` when every truth is a label.
 * ``hp``, ``hr``, ``hf`` (micro) and ``hp_macro``, ``hr_macro``, ``hf_macro``:
   hierarchical precision / recall / F1 (Kiritchenko et al. 2006) on root paths
   of node ids, root excluded, as :mod:`taxonomist.metrics.hierarchical`.
@@ -21,7 +25,11 @@ rank) has no probabilities, so only the metrics that compare two nodes apply.
   ``<level>/accuracy`` (the prediction's ancestor at that level is the truth's;
   a prediction that stops above the level counts as wrong), ``<level>/answered``
   (fraction of predictions that reach the level), ``<level>/n`` and
-  ``<level>/n_excluded`` (truths that stop above the level).
+  ``<level>/n_excluded`` (truths that stop above the level). ``<level>/top1``
+  repeats ``<level>/accuracy`` under the name of the metrics.json contract.
+* the contract keys that need probabilities or a ranking (``top5_error``,
+  ``hdist@5``, ``ece``, ``haurc``, ``<level>/top5``) are present as ``None``,
+  so a reader finds every contract key in any metrics.json.
 
 Unknown predictions (``pred = -1``: a name that is not in the taxonomy) are
 scored as the worst answer, following the FathomNet 2025 rule that an unknown
@@ -42,7 +50,7 @@ import numpy as np
 from ..errors import DataError
 from ..taxonomy import Taxonomy
 from ._common import as_float, check_nodes, known_mask, resolve_levels
-from .hierarchical import prf_from_depths
+from .hierarchical import label_truth_mask, prf_from_depths, ranked_distances, severity_from
 from .selective import node_coverage
 
 
@@ -72,11 +80,23 @@ def hard_metrics(tax: Taxonomy, pred: object, truth: object, ranks: Sequence[str
         distance_ranks = list(ranks)
     levels = resolve_levels(tax, ranks)
     known = known_mask(truth)
+    is_label_truth = label_truth_mask(tax, truth)
     m: dict[str, Any] = {"n_samples": int(len(truth)), "n_unknown_truth": int((~known).sum()),
-                         "n_scored": int(known.sum()), "n_unknown_predictions": int((known & (pred < 0)).sum())}
+                         "n_scored": int(known.sum()), "n_unknown_predictions": int((known & (pred < 0)).sum()),
+                         "n_label_truth": int(is_label_truth.sum()),
+                         "n_partial_truth": int((known & ~is_label_truth).sum())}
     p, t = pred[known], truth[known]
     if len(t) == 0:
         raise DataError("no sample has a known truth (node id > 0): nothing to score")
+    # label level: an unknown prediction stands in as the root, whose LCA height to any truth is
+    # height(root), the worst value (the FathomNet rule)
+    d_lab = ranked_distances(tax, np.where(pred >= 0, pred, 0)[:, None], truth)[:, 0]
+    has_lab = len(d_lab) > 0
+    m["top1_error"] = as_float(np.mean(d_lab > 0)) if has_lab else None
+    m["top5_error"] = None
+    m["mistake_severity"] = as_float(severity_from(d_lab)) if has_lab else None
+    m["hdist@1"] = as_float(d_lab.mean()) if has_lab else None
+    m["hdist@5"] = m["ece"] = m["haurc"] = None
     ok = p >= 0
     p0 = np.where(ok, p, 0)
     lca = tax.lca(p0, t)
@@ -93,10 +113,6 @@ def hard_metrics(tax: Taxonomy, pred: object, truth: object, ranks: Sequence[str
         d_rank = np.where(ok, rc[p0] + rc[t] - 2 * rc[lca], worst["rank_steps"])
         m["mean_rank_distance"] = as_float(d_rank.mean())
     m["mean_path_distance"] = as_float(np.where(ok, dp + dt - 2 * dc, worst["path"]).mean())
-    d_h = np.where(ok, np.where(p0 == t, 0, tax.height[lca]), worst["lca_height"])
-    wrong = ~ok | (p0 != t)
-    m["mistake_severity"] = as_float(d_h[wrong].mean()) if wrong.any() else None
-    m["hdist@1"] = as_float(d_h.mean())
     prf = prf_from_depths(np.where(ok, dc, 0), np.where(ok, dp, dt), dt)
     m.update({k: as_float(v) for k, v in prf.items()})
     for j, name in enumerate(levels.names):
@@ -106,5 +122,7 @@ def hard_metrics(tax: Taxonomy, pred: object, truth: object, ranks: Sequence[str
         m[f"{name}/n"] = int(inc.sum())
         m[f"{name}/n_excluded"] = int((~inc).sum())
         m[f"{name}/accuracy"] = as_float(np.mean(p_at[inc] == t_at[inc])) if inc.any() else None
+        m[f"{name}/top1"] = m[f"{name}/accuracy"]
+        m[f"{name}/top5"] = None
         m[f"{name}/answered"] = as_float(np.mean(p_at[inc] >= 0)) if inc.any() else None
     return m

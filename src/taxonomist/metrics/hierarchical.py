@@ -9,6 +9,13 @@ unknown (``-1``) or the root are left out.
 * **Hierarchical distance@k** (same paper): mean over samples and over the top-k
   predictions of ``d_h(pred_j, truth)``; a correct prediction costs 0, so
   ``hdist@1 = top-1 error x mistake severity``.
+
+  Both (and top-k error) are *label-level* scores: they use the samples whose
+  truth is a **label** node. A partial truth (a non-label node, "somewhere
+  under this genus") has no single correct label, so no ranked label can be
+  exactly right for it; it is scored by the node-level metrics below instead.
+  :func:`ranked_distances` is the one implementation: ``mistake_severity``,
+  ``hierarchical_distance_at_k`` and ``compute_metrics`` all reduce its table.
 * **Mean path distance**: mean number of edges between prediction and truth
   through their LCA.
 * **Mean rank distance** (FathomNet FGVC 2025 score, "mean hierarchical
@@ -22,7 +29,11 @@ unknown (``-1``) or the root are left out.
   counts; macro: per-sample values averaged). Since both sets are root paths,
   ``|A| = depth(pred)``, ``|B| = depth(truth)`` and ``|A n B| = depth(lca)``.
   Comparing node ids (not names) keeps a name that repeats at two levels as two
-  nodes. Per-sample convention for a prediction at the root (empty ``A``):
+  nodes. The root is excluded because it is in every ``A`` and every ``B``: it
+  would add 1 to every intersection and so reward any answer, even the root
+  itself; and HiClass's label paths (one label per level) have no root either,
+  so on trees without repeated names the values equal HiClass's (tested).
+  Per-sample convention for a prediction at the root (empty ``A``):
   precision 1 (nothing claimed, nothing wrong), recall 0, F1 0.
 * **Path violation rate**: the fraction of samples whose independent per-level
   predictions (e.g. the argmax node of every rank) do not form one path of the tree.
@@ -45,24 +56,59 @@ def _pairs(tax: Taxonomy, pred: object, truth: object) -> tuple[np.ndarray, np.n
     return pred[keep], truth[keep]
 
 
+def ranked_distances(tax: Taxonomy, ranked: object, truth: object) -> np.ndarray:
+    """``d_h(ranked[i, j], truth[i])`` for the samples whose truth is a label node: ``[n_label_truth, k]``.
+
+    ``ranked`` is ``[N, k]`` node ids (any depth; a ranking such as the top-k
+    labels, or one column of predictions). ``d_h(a, b) = 0`` if ``a == b``, else
+    the height of ``lca(a, b)``, which is then at least 1 (so ``d_h > 0`` exactly
+    marks a mistake). Rows with an unknown truth (-1, the root) or a partial
+    (non-label) truth are left out, in their original order otherwise.
+    """
+    truth = check_nodes(tax, truth, "truth")
+    ranked = check_nodes(tax, ranked, "ranked predictions", n=len(truth), allow_unknown=False, ndim=2)
+    keep = label_truth_mask(tax, truth)
+    r, t = ranked[keep], truth[keep]
+    if r.size == 0:
+        return np.zeros(r.shape, dtype=np.int64)
+    if tax.n_labels ** 2 <= r.size and tax.is_label[r].all():
+        # labels against label truths, more pairs than label pairs: read one [labels, labels] table
+        # (Taxonomy.distance_matrix, the same integers) instead of one LCA per pair
+        li = tax.label_index
+        return tax.distance_matrix(tax.label_ids, metric="lca_height")[li[r], li[t][:, None]].astype(np.int64)
+    return np.asarray(tax.distance(r, t[:, None], metric="lca_height"), dtype=np.int64)
+
+
+def label_truth_mask(tax: Taxonomy, truth: np.ndarray) -> np.ndarray:
+    """Samples that label-level scores use: a known truth (not -1, not the root) at a label node."""
+    return known_mask(truth) & tax.is_label[np.maximum(truth, 0)]
+
+
+def severity_from(d: np.ndarray) -> float:
+    """Mistake severity from a :func:`ranked_distances` column: mean of the positive values (NaN if none)."""
+    wrong = d > 0
+    return float(d[wrong].mean()) if wrong.any() else float("nan")
+
+
 def mistake_severity(tax: Taxonomy, pred: object, truth: object) -> float:
-    """Mean LCA height of the misclassified samples (NaN when there is no mistake)."""
-    p, t = _pairs(tax, pred, truth)
-    wrong = p != t
-    if not wrong.any():
-        return float("nan")
-    return float(tax.distance(p[wrong], t[wrong], metric="lca_height").mean())
+    """Mean LCA height of the misclassified samples whose truth is a label (NaN when there is no mistake).
+
+    ``pred`` holds one node id per sample (any depth). Partial and unknown truths are
+    left out (see the module docstring); the same value as ``compute_metrics``'s
+    ``mistake_severity`` for the top labels.
+    """
+    pred = check_nodes(tax, pred, "predictions", allow_unknown=False)
+    return severity_from(ranked_distances(tax, pred[:, None], truth)[:, 0])
 
 
 def hierarchical_distance_at_k(tax: Taxonomy, ranked: object, truth: object) -> float:
-    """Mean LCA height between the truth and each of the ``k`` ranked predictions (``ranked`` is [N, k])."""
-    truth = check_nodes(tax, truth, "truth")
-    ranked = check_nodes(tax, ranked, "ranked predictions", n=len(truth), allow_unknown=False, ndim=2)
-    keep = known_mask(truth)
-    if not keep.any():
-        return float("nan")
-    r, t = ranked[keep], truth[keep]
-    return float(tax.distance(r, t[:, None], metric="lca_height").mean())
+    """Mean LCA height between the truth and each of the ``k`` ranked predictions (``ranked`` is [N, k]).
+
+    Over the samples whose truth is a label (NaN when there is none); ``ranked[:, :k]``
+    of the top labels gives ``compute_metrics``'s ``hdist@k``.
+    """
+    d = ranked_distances(tax, ranked, truth)
+    return float(d.mean()) if d.size else float("nan")
 
 
 def mean_distance(tax: Taxonomy, pred: object, truth: object, metric: str = "path",

@@ -5,16 +5,26 @@ Which samples each key uses (all counts are reported):
 * ``n_samples``: all rows. ``n_unknown``: truth ``-1`` or the root, left out of
   every score. ``n_label_truth``: truth is a label node. ``n_partial_truth``:
   truth is a known node that is not a label (e.g. a photo known only to genus).
-* *Label-level* keys (``top1_error``, ``top<k>_error``, ``mistake_severity``,
-  ``hdist@1``, ``hdist@<k>``, ``ece``) compare the ranked label predictions
-  with the truth, so they use the ``n_label_truth`` samples only: a partial
-  truth has no single correct label.
+* *Label-level* keys (``top1_error``, ``top5_error``, ``top<k>_error``,
+  ``mistake_severity``, ``hdist@1``, ``hdist@5``, ``hdist@<k>``, ``ece``)
+  compare the ranked label predictions with the truth, so they use the
+  ``n_label_truth`` samples only: a partial truth has no single correct label.
+  They are reductions of :func:`~taxonomist.metrics.hierarchical.ranked_distances`,
+  the table behind the public ``mistake_severity`` and
+  ``hierarchical_distance_at_k``, so those give the same values.
 * *Node-level* keys (``mean_path_distance``, ``mean_rank_distance``, ``hp`` ...
   ``hf_macro``, ``haurc``) accept a truth at any depth and use every known
   sample. The prediction is the top label unless stated otherwise.
 * *Per-level* keys ``<level>/...`` use the known samples whose truth reaches
   that level (``<level>/n``); the others are ``<level>/n_excluded``.
 * ``rank_violation_rate`` needs no truth and uses every sample.
+
+The output contract (issue 5; other tools read these names): ``top1_error``,
+``mistake_severity``, ``hdist@1``, ``hdist@5``, ``mean_path_distance``,
+``mean_rank_distance`` (ranked trees), ``hp``, ``hr``, ``hf``, ``hp_macro``,
+``hr_macro``, ``hf_macro``, ``ece``, ``haurc``, ``n_samples`` and
+``<level>/top1`` are always present, whatever ``k`` (also ``top5_error`` and
+``<level>/top5``).
 
 Values are Python floats (ints for counts); an undefined value (no sample, no
 mistake for ``mistake_severity``) is ``None``. See docs/metrics.md for each
@@ -41,8 +51,12 @@ from ._common import (
 )
 from .calibration import N_BINS, expected_calibration_error
 from .flat import class_report, level_results, level_truths
-from .hierarchical import path_violation_rate, prf_from_depths
+from .hierarchical import path_violation_rate, prf_from_depths, ranked_distances, severity_from
 from .selective import area_under_curve, curve_from_masses, node_coverage
+
+
+#: the top-k that ``top<k>_error`` / ``hdist@<k>`` / ``<level>/top<k>`` always report, whatever ``k``
+CONTRACT_K = 5
 
 
 def _decision_nodes(tax: Taxonomy, decision: object, n: int, name: str) -> np.ndarray:
@@ -90,7 +104,8 @@ def compute_metrics(tax: Taxonomy, label_probs: object, truth: object, ranks: Se
 
     ranks: levels for the per-level keys (rank names; for an unranked tree
         ``level1``, ``level2`` ...); default: every rank (or depth level).
-    k: the second top-k reported (``top<k>_error``, ``hdist@<k>``, ``<level>/top<k>``).
+    k: an extra top-k reported (``top<k>_error``, ``hdist@<k>``, ``<level>/top<k>``) besides
+        top-1 and top-5, which are always reported (contract keys).
     distance_ranks: ranks counted by ``mean_rank_distance`` (FathomNet 2025);
         default ``ranks``, else every rank of the tree. Ranked trees only.
     decisions: extra predictions to score, as ``{name: Decision or node-id array}``
@@ -113,30 +128,28 @@ def compute_metrics(tax: Taxonomy, label_probs: object, truth: object, ranks: Se
         "n_partial_truth": int((known & ~is_label_truth).sum()),
     }
 
-    # label level: ranked labels against label truths
-    top_idx = probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    # label level: ranked labels against label truths. top-1 and top-5 always (contract keys), plus top-k
+    ks = sorted({1, CONTRACT_K, int(k)})
+    kmax = min(ks[-1], tax.n_labels)
+    ranked_idx = topk_columns(probs, kmax) if n else np.zeros((0, kmax), dtype=np.int64)
+    top_idx = ranked_idx[:, 0]  # = argmax (the first maximum)
     top = tax.label_ids[top_idx]
-    lt = np.where(is_label_truth, truth, -1)
-    ranked = tax.label_ids[topk_columns(probs, k)] if n else np.zeros((0, 1), dtype=np.int64)
-    inc = lt >= 0
-    hit = ranked == lt[:, None]  # the truth's place among the k best labels (stable order)
-    m["top1_error"] = as_float(1.0 - np.mean(hit[inc, 0])) if inc.any() else None
-    if k != 1:
-        m[f"top{k}_error"] = as_float(1.0 - np.mean(hit[inc].any(axis=1))) if inc.any() else None
-    # one LCA per known sample for the top label serves severity, hdist@1 and every node-level key
-    lca_top = np.where(known, tax.lca(top, np.maximum(truth, 0)), 0)
-    d_h = np.where(top == truth, 0, tax.height[lca_top])
-    wrong = inc & (top != truth)
-    m["mistake_severity"] = as_float(d_h[wrong].mean()) if wrong.any() else None
-    m["hdist@1"] = as_float(d_h[inc].mean()) if inc.any() else None
-    if k != 1:
-        if inc.any() and ranked.shape[1] > 1:
-            rest = tax.distance(ranked[inc, 1:], lt[inc, None], metric="lca_height")
-            m[f"hdist@{k}"] = as_float((d_h[inc].sum() + rest.sum()) / (inc.sum() * ranked.shape[1]))
-        else:
-            m[f"hdist@{k}"] = m["hdist@1"]
+    ranked = tax.label_ids[ranked_idx]
+    inc = is_label_truth
+    hit = ranked[inc] == truth[inc][:, None]  # the truth's place among the best labels (stable order)
+    first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), kmax)
+    # d_h of every ranked label to its label truth: the same table mistake_severity and
+    # hierarchical_distance_at_k reduce (one implementation, metrics.hierarchical.ranked_distances)
+    d_h = ranked_distances(tax, ranked, truth)
+    cum = np.cumsum(d_h, axis=1) if d_h.size else d_h
+    for kk in ks:
+        c = min(kk, kmax)
+        m[f"top{kk}_error"] = as_float(np.mean(first_hit >= c)) if inc.any() else None
+        m[f"hdist@{kk}"] = as_float(float(cum[:, c - 1].sum()) / (len(cum) * c)) if inc.any() else None
+    m["mistake_severity"] = as_float(severity_from(d_h[:, 0])) if inc.any() else None
     conf = probs[np.arange(n), top_idx] if n else np.zeros(0)
     m["ece"] = as_float(expected_calibration_error(conf[inc], (top == truth)[inc], n_bins))
+    lca_top = np.where(known, tax.lca(top, np.maximum(truth, 0)), 0)
 
     # node level: top label against truths at any depth
     node_scores = decision_metrics(tax, top, truth, distance_ranks, lca=lca_top)
@@ -148,7 +161,8 @@ def compute_metrics(tax: Taxonomy, label_probs: object, truth: object, ranks: Se
     nodes, truths, tcols = level_truths(tax, truth, levels)
     scans, (anc, mass) = scan_nodes(tax, probs, nodes, tcols, start=top)
     if len(tax.leaves) > 1:
-        m["haurc"] = as_float(area_under_curve(curve_from_masses(tax, anc[known], mass[known], truth[known])))
+        m["haurc"] = as_float(area_under_curve(curve_from_masses(tax, anc[known], mass[known], truth[known],
+                                                                    every_threshold=False)))
     else:
         m["haurc"] = None
     lps = level_results(levels, nodes, truths, scans)
@@ -157,9 +171,8 @@ def compute_metrics(tax: Taxonomy, label_probs: object, truth: object, ranks: Se
         name = lp.name
         m[f"{name}/n"] = int(included.sum())
         m[f"{name}/n_excluded"] = int((known & ~included).sum())
-        m[f"{name}/top1"] = as_float(lp.topk_accuracy(1))
-        if k != 1:
-            m[f"{name}/top{k}"] = as_float(lp.topk_accuracy(k))
+        for kk in ks:
+            m[f"{name}/top{kk}"] = as_float(lp.topk_accuracy(kk))
         rep = class_report(tax, lp)
         m[f"{name}/balanced_accuracy"] = as_float(rep.balanced_accuracy())
         m[f"{name}/macro_f1"] = as_float(rep.macro_f1())

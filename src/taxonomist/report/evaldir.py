@@ -108,14 +108,24 @@ def is_eval_dir(path: Path) -> bool:
 
 
 def find_eval_dir(path: str | Path) -> Path | None:
-    """The evaluation folder for ``path``: the folder itself, ``<bundle>/eval`` or ``<run>/bundle/eval``.
+    """The evaluation folder for ``path``: the folder itself, ``<bundle>/eval``, ``<run>/bundle/eval``
+    (where ``taxonomist evaluate`` writes by default), or, for a file (a metrics.json, or any file of
+    an evaluation folder), the folder holding it.
 
     Returns None when ``path`` is a bundle or run folder without an evaluation
     (the caller may run one); raises :class:`DataError` when it is none of these.
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such folder")
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_file():
+        if is_eval_dir(p.parent):
+            return p.parent
+        raise DataError(f"{p} is a file, but its folder {p.parent} is not an evaluation folder (no "
+                        f"{FILES['predictions']} and {FILES['taxonomy']} beside it): a report needs the "
+                        "probabilities, not only the metrics. Pass the metrics.json that `taxonomist evaluate` "
+                        "wrote (it keeps everything the report needs beside it), or run `taxonomist evaluate "
+                        "BUNDLE --data DATA` first")
     for cand in (p, p / "eval", p / "bundle" / "eval"):
         if is_eval_dir(cand):
             return cand
@@ -124,6 +134,19 @@ def find_eval_dir(path: str | Path) -> Path | None:
     raise DataError(f"{p} is neither an evaluation folder (with {FILES['predictions']} and {FILES['taxonomy']}), "
                     "nor a bundle or run folder. Run `taxonomist evaluate BUNDLE --data DATA` first: it writes "
                     "<bundle>/eval/ with everything the report needs")
+
+
+def read_metrics_file(path: str | Path) -> dict[str, Any]:
+    """A metrics JSON file (a flat object, as compute_metrics writes), checked."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{p}: cannot read it as a metrics JSON file ({exc})") from None
+    if not isinstance(data, dict) or "n_samples" not in data:
+        raise DataError(f"{p} is not a metrics file (a JSON object with 'n_samples', as `taxonomist evaluate` "
+                        "writes); pass the evaluation folder or its metrics.json")
+    return data
 
 
 def load_eval_dir(path: str | Path) -> EvalRecord:
