@@ -34,6 +34,21 @@ def test_unknown_key_names_key_and_allowed(tmp_path):
     assert "train.epochz" in msg and "unknown key" in msg and "epochs" in msg and "batch_size" in msg
 
 
+@pytest.mark.parametrize("override, key, allowed", [
+    ("data.split.bogus=1", "data.split.bogus", ["val", "test", "seed"]),                      # nested section
+    ("model.neck.widths=[3]", "model.neck.widths", ["hidden", "dropout", "norm"]),            # two levels down
+    ("data.metadata.bogus=1", "data.metadata.bogus", ["columns", "fusion", "mask_prob"]),     # X | None section
+    ("model.backbone.lora.rr=1", "model.backbone.lora.rr", ["r", "alpha", "target_modules"]),  # optional, 3 deep
+])
+def test_unknown_key_in_nested_and_optional_sections_lists_allowed(tmp_path, override, key, allowed):
+    p = _write(tmp_path, "data: {train: x}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override])
+    line = next(x for x in str(e.value).splitlines() if x.strip().startswith(key + ":"))
+    listed = line.split("allowed keys here:", 1)[1].split(", ")
+    assert [k.strip() for k in listed] and all(a in [k.strip() for k in listed] for a in allowed), line
+
+
 def test_bad_value_names_allowed_values(tmp_path):
     p = _write(tmp_path, "data: {train: x}\n")
     with pytest.raises(ConfigError) as e:

@@ -9,10 +9,11 @@ and YAML syntax for values (``train.lr=3e-4``, ``model.neck.hidden=[512,256]``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ..errors import ConfigError
 
@@ -130,12 +131,15 @@ class LossConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(256, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum "
+                                                                  "(train.momentum); both use train.weight_decay.")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR multiplier per optimiser step after "
+                                                    "the warm-up: cosine from 1 down to 0 at the last step, or 1.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up of the LR from lr/(w+1) to lr over this many "
+                                 "epochs (w steps); cut to leave at least one step after it.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="Mixed precision: 'auto' uses bf16 on "
                                                                            "CUDA devices that support it, off on CPU.")
@@ -180,11 +184,53 @@ class TrainConfig(_Strict):
         return self
 
 
+#: Direction of a metric by the last part of its name (``<level>/top1`` -> ``top1``): checkpoint.best_mode=auto.
+LOWER_IS_BETTER = ("top<k>_error", "hdist@<k>", "mistake_severity", "mean_path_distance", "mean_rank_distance",
+                   "ece", "haurc", "rank_violation_rate")
+HIGHER_IS_BETTER = ("top<k>", "hp", "hr", "hf", "hp_macro", "hr_macro", "hf_macro", "accuracy", "coverage",
+                    "balanced_accuracy", "macro_f1")
+
+
+def metric_direction(name: str) -> Literal["min", "max"] | None:
+    """'min' or 'max' for a metrics.json key (``top1_error``, ``genus/top1``, ``attr/sex/top1`` ...); None if
+    the name is not one of LOWER_IS_BETTER / HIGHER_IS_BETTER."""
+    import re
+
+    last = re.sub(r"\d+", "<k>", name.rsplit("/", 1)[-1])
+    if last in LOWER_IS_BETTER:
+        return "min"
+    if last in HIGHER_IS_BETTER:
+        return "max"
+    return None
+
+
 class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="How many epoch checkpoints to keep besides last and best.")
-    best_metric: str = Field("top1_error", description="Validation metric that picks the best checkpoint "
-                                                        "(any metrics.json key).")
-    best_mode: Literal["min", "max"] = "min"
+    best_metric: str = Field("top1_error", description="Validation metric that picks the best checkpoint: a "
+                             "metrics.json key such as top1_error, hf, hdist@1, <rank>/top1 (e.g. genus/top1; "
+                             "level2/top1 for an unranked tree) or attr/<name>/top1; checked against the run's "
+                             "metric suite before training starts.")
+    best_mode: Literal["auto", "min", "max"] = Field(
+        "auto", validate_default=True,
+        description="Whether lower ('min') or higher ('max') best_metric is better; 'auto': from the metric's name "
+                    "(min for *_error, hdist@k, mistake_severity, mean_*_distance, ece, haurc, rank_violation_rate; "
+                    "max for top<k>, hp/hr/hf (and _macro), accuracy, coverage, balanced_accuracy, macro_f1). The "
+                    "resolved config.yaml records the direction chosen.")
+
+    @field_validator("best_mode")
+    @classmethod
+    def _resolve_best_mode(cls, v: str, info: ValidationInfo) -> str:
+        if v != "auto":
+            return v
+        metric = info.data.get("best_metric")
+        if metric is None:  # best_metric itself is invalid: that error is reported
+            return v
+        direction = metric_direction(metric)
+        if direction is None:
+            raise ValueError(f"'auto' cannot tell whether lower or higher checkpoint.best_metric={metric!r} is "
+                             f"better (it knows: lower {', '.join(LOWER_IS_BETTER)}; higher "
+                             f"{', '.join(HIGHER_IS_BETTER)}); check the metric name or set best_mode to min or max")
+        return direction
     every: int = Field(1, ge=1, description="Save an epoch checkpoint every N epochs (last.pt is written every epoch).")
 
 
@@ -241,13 +287,22 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class of a field annotation: ``X``, ``X | None``, ``Optional[X]`` -> ``X``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    sections = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return sections[0] if len(sections) == 1 else None
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Config
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
             return []
-        model = field.annotation
+        model = section
     return list(model.model_fields)
 
 
