@@ -8,7 +8,9 @@
     shared machine) of every registered head with every loss it supports, from random 512-d
     features (batch 256; 10 % of the targets partial, i.e. a non-label node), relative to the flat
     head + ``ce`` measured in the same rounds (baseline and combination alternate; the ratio is the
-    median over rounds). Trees: the NCBI
+    median over rounds), and relative to a plain ``F.cross_entropy`` on the flat head's logits (every
+    row a label target: the partial rows get a random label) as a baseline outside the project's
+    code. Trees: the NCBI
     taxonomy restricted to 1,000 / 10,000 random species of the Asteraceae with all their
     ancestors (``taxonomy.transforms.restrict``; depth 26, 8 NCBI ranks). Loss construction time
     (the label distance matrix etc.) is printed separately: it is paid once.
@@ -17,12 +19,15 @@
     ImageNet ``efficientnet_lite0`` features at 128 px (the data layer's feature cache:
     ``taxonomist.data.extract_features``; first run extracts, later runs read the cache), the
     same neck (LayerNorm, Linear 512, ReLU, dropout 0.3), the same budget (AdamW lr 2e-3,
-    weight decay 1e-4, batch 256, cosine schedule, ``--epochs``) and several seeds. Validation:
+    weight decay 1e-4, batch 256, one-cycle schedule (``OneCycleLR``: 10 % warm-up, cosine
+    annealing), ``--epochs``) and several seeds. Validation:
     leaf top-1 error, mistake severity, hd@5, mean path distance
     (``taxonomist.metrics.compute_metrics``) and the training CPU time (one torch thread by default:
     on a shared 2-core machine two threads spin-wait, ~10x slower per step). Every result is appended to
     ``--out`` (JSON lines) as soon as it is done; the table is printed at the end (and can be
-    re-made from the file with ``table --out FILE``).
+    re-made from the file with ``table --out FILE``). ``--shard K/N`` runs only the K-th of N
+    interleaved slices of the (head, loss) list, so N processes (each with its own ``--out``) split
+    the run; ``table --out A B`` reads several files.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from taxonomist.losses import create_loss, list_losses, loss_options
 from taxonomist.models import create_model
@@ -103,6 +109,14 @@ def time_step(head, loss, h: torch.Tensor, targets: torch.Tensor) -> float:
     return time.process_time() - t0
 
 
+def time_plain_ce(head, h: torch.Tensor, label_targets: torch.Tensor) -> float:
+    """CPU seconds of one forward + backward of the flat head with ``F.cross_entropy`` (label indices)."""
+    t0 = time.process_time()
+    F.cross_entropy(head(h)["labels"], label_targets).backward()
+    head.zero_grad(set_to_none=True)
+    return time.process_time() - t0
+
+
 def run_speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.speed_threads)
     trees = ncbi_subtrees(args.sizes, args.ncbi)
@@ -116,8 +130,11 @@ def run_speed(args: argparse.Namespace) -> None:
         targets = mixed_targets(tax, args.batch, rng)
         base_head = create_head("flat", tax, args.features)
         base_loss = create_loss("ce", tax, base_head)
+        li = torch.as_tensor(tax.label_index)[targets]
+        label_targets = torch.where(li >= 0, li, torch.as_tensor(rng.integers(0, tax.n_labels, len(li))))
         for _ in range(2):
             time_step(base_head, base_loss, h, targets)
+            time_plain_ce(base_head, h, label_targets)
         for head_name in args.heads or list_heads():
             head = create_head(head_name, tax, args.features)
             for loss_name in compatible_losses(head):
@@ -130,19 +147,23 @@ def run_speed(args: argparse.Namespace) -> None:
                 build = time.perf_counter() - t0
                 for _ in range(2):
                     time_step(head, loss, h, targets)
-                ratios, times, bases = [], [], []
+                ratios, plain_ratios, times, bases, plains = [], [], [], [], []
                 for _ in range(args.rounds):
                     b = time_step(base_head, base_loss, h, targets)
+                    f = time_plain_ce(base_head, h, label_targets)
                     c = time_step(head, loss, h, targets)
                     ratios.append(c / b)
+                    plain_ratios.append(c / f)
                     times.append(c)
                     bases.append(b)
+                    plains.append(f)
                 row = {"labels": tax.n_labels, "head": head_name, "loss": loss_name,
                        "ms": 1000 * statistics.median(times), "flat_ce_ms": 1000 * statistics.median(bases),
-                       "ratio": statistics.median(ratios), "build_s": build}
+                       "plain_ce_ms": 1000 * statistics.median(plains), "ratio": statistics.median(ratios),
+                       "ratio_plain": statistics.median(plain_ratios), "build_s": build}
                 rows.append(row)
                 print(f"| {tax.n_labels:,} | {head_name} | {loss_name} | {row['ms']:.1f} | {row['ratio']:.2f}x | "
-                      f"{build:.2f} s |", flush=True)
+                      f"{row['ratio_plain']:.2f}x | {build:.2f} s |", flush=True)
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
@@ -219,25 +240,27 @@ def run_plankton(args: argparse.Namespace) -> None:
             r = json.loads(line)
             if r.get("part") == "plankton" and r.get("epochs") == args.epochs:
                 done.add((r["head"], r["loss"], r["seed"]))
+    k, n_shards = (int(x) for x in args.shard.split("/"))
+    jobs = []
     for head_name in args.heads or list_heads():
         head = create_model(tax, in_features=xtr.shape[1], head=head_name).head
-        for loss_name in compatible_losses(head):
-            if args.losses and loss_name not in args.losses:
+        jobs += [(head_name, ln) for ln in compatible_losses(head) if not args.losses or ln in args.losses]
+    for head_name, loss_name in jobs[k - 1::n_shards]:
+        for seed in args.seeds:
+            if (head_name, loss_name, seed) in done:
                 continue
-            for seed in args.seeds:
-                if (head_name, loss_name, seed) in done:
-                    continue
-                r = train_one(tax, head_name, loss_name, seed, data, args)
-                print(json.dumps(r), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+            r = train_one(tax, head_name, loss_name, seed, data, args)
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
     if args.out:
         print_table(args.out, args.epochs)
 
 
-def print_table(path: str | Path, epochs: int | None = None) -> None:
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+def print_table(paths: str | Path | list, epochs: int | None = None) -> None:
+    paths = paths if isinstance(paths, list) else [paths]
+    rows = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("part") == "plankton" and (epochs is None or r["epochs"] == epochs)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -262,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the plankton part")
     ap.add_argument("--heads", nargs="*", default=None)
     ap.add_argument("--losses", nargs="*", default=None)
-    ap.add_argument("--out", default=None, help="append results as JSON lines")
+    ap.add_argument("--out", nargs="+", default=None, help="append results as JSON lines (table: one or more "
+                    "files to read)")
+    ap.add_argument("--shard", default="1/1", help="plankton: run the K-th of N interleaved slices of the "
+                    "(head, loss) list, as K/N (to split the run over N processes, each with its own --out)")
     ap.add_argument("--sizes", nargs="*", type=int, default=[1000, 10000])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--speed-threads", type=int, default=1, help="torch threads for the speed part (CPU time "
@@ -278,10 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     args = ap.parse_args(argv)
+    if args.out and args.part != "table":
+        if len(args.out) > 1:
+            ap.error("--out takes one file for speed/plankton (several only for table)")
+        args.out = args.out[0]
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        ap.error(f"--shard {args.shard!r} must be K/N with 1 <= K <= N")
     print(f"# {platform.platform()}, python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"threads {args.threads}, cpus {os.cpu_count()}", flush=True)
     if args.part == "speed":
-        print("| labels | head | loss | fwd+bwd CPU ms | vs flat+ce | loss build |\n|---|---|---|---|---|---|")
+        print("| labels | head | loss | fwd+bwd CPU ms | vs flat+ce | vs F.cross_entropy | loss build |\n"
+              "|---|---|---|---|---|---|---|")
         run_speed(args)
     elif args.part == "plankton":
         run_plankton(args)

@@ -88,6 +88,47 @@ def test_ce_with_partial_and_internal_labels_matches_slow_reference(plankton, fa
         pytest.fail("expected internal label nodes")
 
 
+def masked_logsumexp_ce(tax: Taxonomy, lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The former ``ce.per_sample``: a [B, n_labels] label-set mask for every row, then a masked
+    logsumexp (set built here in Python from the tree, one row at a time)."""
+    mask = torch.zeros(lp.shape, dtype=torch.bool)
+    for b, t in enumerate(targets.tolist()):
+        if t < 0:
+            mask[b] = True
+        else:
+            mask[b, labels_meant_by(tax, t)] = True
+    nll = -torch.logsumexp(lp.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.where(targets >= 0, nll, torch.zeros_like(nll))
+
+
+@pytest.mark.parametrize("head_name", ["flat", "hsoftmax"])
+def test_ce_fast_path_for_label_rows_equals_masked_logsumexp_on_mixed_batches(plankton, head_name):
+    """Label rows take a gather, partial rows the masked logsumexp: per-sample values and gradients
+    are those of the masked logsumexp over every row, on batches mixing labels, internal labels,
+    partial labels and unlabelled rows (and on batches with no partial row at all)."""
+    from taxonomist.losses.ce import CrossEntropy
+
+    rng = np.random.default_rng(3)
+    partial = [int(v) for v in range(1, plankton.n_nodes) if not plankton.is_label[v]]
+    internal = [int(v) for v in plankton.label_ids if not plankton.is_leaf[v]]
+    head = create_head(head_name, plankton, 8)
+    loss = CrossEntropy(plankton, head)
+    for batch in (list(rng.choice(plankton.label_ids, 20)) + partial[:6] + internal[:3] + [-1, -1],
+                  list(rng.choice(plankton.label_ids, 12)),
+                  partial[:5]):
+        targets = torch.tensor([int(v) for v in rng.permutation(batch)])
+        torch.manual_seed(len(batch))
+        z = torch.randn(len(targets), 8, requires_grad=True)
+        lp = head.label_log_probs(head(z))
+        got, valid = loss.per_sample(lp, targets)
+        want = masked_logsumexp_ce(plankton, lp, targets)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert valid.tolist() == (targets >= 0).tolist()
+        g_got, = torch.autograd.grad(got.sum(), z, retain_graph=True)
+        g_want, = torch.autograd.grad(want.sum(), z)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
 def test_ce_internal_label_is_that_node_not_its_subtree(plankton):
     head = create_head("flat", plankton, 4)
     out = head(torch.randn(1, 4))

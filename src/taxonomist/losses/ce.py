@@ -68,12 +68,22 @@ class CrossEntropy(Loss):
     def per_sample(self, label_log_probs: Tensor, targets: Tensor, mask: Tensor | None = None
                    ) -> tuple[Tensor, Tensor]:
         """(nll [B], valid [B]) from label log-probs; nll is 0 where the target is -1. ``mask``: the
-        ``[B, n_labels]`` label sets of the (clamped) targets, when the caller has them already."""
+        ``[B, n_labels]`` label sets of the (clamped) targets, when the caller has them already.
+
+        Rows whose target is a label take ``-log p(t)`` with one gather (the same number, and the
+        same gradient, as the masked logsumexp over a one-label set); only the partial-label rows
+        build their ``[n_partial, n_labels]`` label-set mask and take the masked logsumexp.
+        """
         valid = targets >= 0
-        mask = self.sets.mask(targets.clamp(min=0)) if mask is None else mask
-        mask = mask | ~valid[:, None]  # unlabelled rows: a harmless full mask
+        t = targets.clamp(min=0)
+        li = self.sets.label_index[t]
         lp = label_log_probs.float()
-        nll = -torch.logsumexp(lp.masked_fill(~mask, float("-inf")), dim=-1)
+        nll = -lp.gather(1, li.clamp(min=0)[:, None])[:, 0]
+        rows = torch.nonzero(valid & (li < 0))[:, 0]
+        if rows.numel():
+            m = self.sets.mask(t[rows]) if mask is None else mask[rows]
+            part = -torch.logsumexp(lp[rows].masked_fill(~m, float("-inf")), dim=-1)
+            nll = nll.index_put((rows,), part)
         if self.label_smoothing > 0:
             nll = (1.0 - self.label_smoothing) * nll - self.label_smoothing * lp.mean(dim=-1)
         return torch.where(valid, nll, torch.zeros_like(nll)), valid
