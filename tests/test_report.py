@@ -228,6 +228,20 @@ def test_report_ranked_tree_without_images(taxonomies_dir, tmp_path):
     assert "Grouped at <b>phylum</b>" in page
 
 
+def test_metrics_file_may_not_take_the_name_of_another_eval_file(taxonomies_dir, tmp_path):
+    """`evaluate --out <folder>/eval.json` would have its metrics overwritten by the folder's eval.json."""
+    tax = load(taxonomies_dir / "fathomnet2025_lineage.csv")
+    truth = np.asarray(tax.label_ids[:20])
+    probs = synthetic_probs(tax, truth, seed=1, p_right=0.6)
+    with pytest.raises(DataError, match="eval.json"):
+        save_eval_dir(tmp_path, taxonomy=tax, label_probs=probs, truth=truth, metrics={"top1_error": 0.5},
+                      metrics_path=tmp_path / "eval.json")
+    assert not (tmp_path / "eval.json").exists()
+    save_eval_dir(tmp_path, taxonomy=tax, label_probs=probs, truth=truth, metrics={"top1_error": 0.5},
+                  metrics_path=tmp_path / "scores.json")
+    assert json.loads((tmp_path / "scores.json").read_text()) == {"top1_error": 0.5}
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); the lead's CI "
                                              "installs it")
 def test_report_renders_in_headless_chromium(report_html, tmp_path):

@@ -81,6 +81,10 @@ def save_eval_dir(out_dir: str | Path, *, taxonomy: Any, label_probs: np.ndarray
         raise DataError(f"label_probs has shape {probs.shape}; expected ({len(truth)}, {taxonomy.n_labels})")
     if samples is not None and len(samples) != len(truth):
         raise DataError(f"the sample table has {len(samples)} rows but there are {len(truth)} truths")
+    if metrics_path and Path(metrics_path).parent.resolve() == out.resolve() \
+            and Path(metrics_path).name != FILES["metrics"] and Path(metrics_path).name in FILES.values():
+        raise DataError(f"{metrics_path}: the evaluation folder writes its own {Path(metrics_path).name} there; "
+                        f"name the metrics file something else (e.g. {FILES['metrics']})")
     atomic_write_json(Path(metrics_path) if metrics_path else out / FILES["metrics"], metrics)
 
     def write_npz(fh: Any) -> None:
