@@ -23,6 +23,13 @@ re-computes only its chunk, and every chunk is written atomically (temp file +
 ``os.replace``) as soon as it is done: a killed extraction resumes where it
 stopped. A second call with the same inputs only reads files.
 
+Several processes (DDP ranks) fill one cache together with
+:func:`fill_feature_cache`: chunk ``j`` of the plan belongs to part
+``j % n_parts``, each process computes the missing chunks of its own part (no
+file is written by two parts), and after a barrier every process reads the whole
+cache with :func:`extract_features` (which computes anything still missing
+itself, so a chunk that did not appear is never silently absent).
+
 Clearing: delete ``cache_dir`` (or one model folder in it), or call
 :func:`clear_feature_cache`.
 """
@@ -138,6 +145,87 @@ def _read_chunk(path: Path, n_rows: int) -> np.ndarray | None:
     return arr
 
 
+@dataclass
+class _Plan:
+    """Where the features of a table live: unique images, their chunks and chunk files."""
+
+    inverse: np.ndarray          # row -> unique image
+    first_row: np.ndarray        # unique image -> its first row in the table
+    chunks: list[np.ndarray]     # chunk -> positions of its unique images
+    files: list[Path]            # chunk -> file
+    folder: Path
+
+
+def _plan(model_key: str, table: SampleTable, preprocess: Preprocess, cache_dir: str | Path,
+          chunk_size: int) -> _Plan:
+    if not model_key:
+        raise ValueError("model_key must be a non-empty string that changes whenever the model changes")
+    identity, full = image_keys(table)
+    uniq_index: dict[str, int] = {}
+    inverse = np.fromiter((uniq_index.setdefault(k, len(uniq_index)) for k in full), dtype=np.int64,
+                          count=len(full))
+    first_row = np.unique(inverse, return_index=True)[1]  # codes are numbered in order of first appearance
+    u_identity = [identity[r] for r in first_row]
+    u_full = [full[r] for r in first_row]
+    folder = model_folder(cache_dir, model_key, preprocess)
+    chunks = plan_chunks(u_identity, chunk_size) if u_full else []
+    header = _digest(CACHE_VERSION, model_key, preprocess.cache_token(), n=64)
+    files = [folder / f"{_digest(header, *(u_full[i] for i in c))}.npy" for c in chunks]
+    return _Plan(inverse, first_row, chunks, files, folder)
+
+
+def _write_info(plan: _Plan, model_key: str, preprocess: Preprocess) -> None:
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    info = plan.folder / "info.json"
+    if not info.exists():
+        from ..utils.io import atomic_write_json
+
+        atomic_write_json(info, {"version": CACHE_VERSION, "model_key": model_key,
+                                 "preprocess": preprocess.to_json()})
+
+
+def chunk_owner(chunk: int, n_parts: int) -> int:
+    """The part (rank) that computes chunk number ``chunk`` in :func:`fill_feature_cache`."""
+    return chunk % n_parts
+
+
+@torch.no_grad()
+def fill_feature_cache(model: torch.nn.Module, model_key: str, table: SampleTable, preprocess: Preprocess,
+                       cache_dir: str | Path, part: int = 0, n_parts: int = 1, batch_size: int = 64,
+                       num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE, stats: CacheStats | None = None) -> CacheStats:
+    """Compute the missing chunks that belong to ``part`` of ``n_parts`` (several processes filling
+    one cache together: each calls this with its own part, waits for the others, then reads
+    everything with :func:`extract_features`).
+
+    Chunk ``j`` (in the order of the content-defined plan, the same in every process) belongs to
+    part ``j % n_parts``, so no two parts ever write the same file; the chunks interleave, so a
+    cache that an interrupted run filled from the start is still split evenly. Only part 0 writes
+    ``info.json``. Returns the :class:`CacheStats` (chunks computed by this part).
+    """
+    if not 0 <= part < n_parts:
+        raise ValueError(f"part must be in [0, {n_parts}), got {part}")
+    plan = _plan(model_key, table, preprocess, cache_dir, chunk_size)
+    stats = stats if stats is not None else CacheStats()
+    stats.n_images, stats.folder, stats.n_chunks = len(plan.first_row), plan.folder, len(plan.chunks)
+    if not plan.chunks:
+        return stats
+    if part == 0:
+        _write_info(plan, model_key, preprocess)
+    else:
+        plan.folder.mkdir(parents=True, exist_ok=True)
+    mine = [j for j in range(len(plan.chunks)) if chunk_owner(j, n_parts) == part]
+    results: list[np.ndarray | None] = [None] * len(plan.chunks)
+    for j in mine:
+        results[j] = _read_chunk(plan.files[j], len(plan.chunks[j]))
+    todo = [j for j in mine if results[j] is None]
+    stats.chunks_read = len(mine) - len(todo)
+    if todo:
+        _compute(model, table, plan.first_row, plan.chunks, todo, plan.files, results, batch_size, num_workers,
+                 torch.device(device), preprocess, progress, stats)
+    return stats
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, model_key: str, table: SampleTable, preprocess: Preprocess,
                      cache_dir: str | Path, batch_size: int = 64, num_workers: int = 0,
@@ -150,46 +238,28 @@ def extract_features(model: torch.nn.Module, model_key: str, table: SampleTable,
     image and box share one computation. An empty table gives a ``[0, 0]`` array.
     ``stats``: a :class:`CacheStats` to fill in (chunks read / computed).
     """
-    if not model_key:
-        raise ValueError("model_key must be a non-empty string that changes whenever the model changes")
-    identity, full = image_keys(table)
-    uniq_index: dict[str, int] = {}
-    inverse = np.fromiter((uniq_index.setdefault(k, len(uniq_index)) for k in full), dtype=np.int64,
-                          count=len(full))
-    first_row = np.unique(inverse, return_index=True)[1]  # codes are numbered in order of first appearance
-    u_identity = [identity[r] for r in first_row]
-    u_full = [full[r] for r in first_row]
-    folder = model_folder(cache_dir, model_key, preprocess)
+    plan = _plan(model_key, table, preprocess, cache_dir, chunk_size)
+    chunks, files, folder = plan.chunks, plan.files, plan.folder
     stats = stats if stats is not None else CacheStats()
-    stats.n_images, stats.folder = len(u_full), folder
-    if not u_full:
+    stats.n_images, stats.folder = len(plan.first_row), folder
+    if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    info = folder / "info.json"
-    if not info.exists():
-        from ..utils.io import atomic_write_json
-
-        atomic_write_json(info, {"version": CACHE_VERSION, "model_key": model_key,
-                                 "preprocess": preprocess.to_json()})
-
-    chunks = plan_chunks(u_identity, chunk_size)
+    _write_info(plan, model_key, preprocess)
     stats.n_chunks = len(chunks)
-    header = _digest(CACHE_VERSION, model_key, preprocess.cache_token(), n=64)
-    files = [folder / f"{_digest(header, *(u_full[i] for i in c))}.npy" for c in chunks]
     results: list[np.ndarray | None] = [_read_chunk(f, len(c)) for f, c in zip(files, chunks)]
     todo = [j for j, r in enumerate(results) if r is None]
     stats.chunks_read = len(chunks) - len(todo)
     if todo:
-        _compute(model, table, first_row, chunks, todo, files, results, batch_size, num_workers,
+        _compute(model, table, plan.first_row, chunks, todo, files, results, batch_size, num_workers,
                  torch.device(device), preprocess, progress, stats)
     dims = {r.shape[1] for r in results if r is not None}
     if len(dims) != 1:
         raise DataError(f"feature cache {folder} holds features of different widths {sorted(dims)}: the same "
                         "model_key was used for different models. Delete that folder and give each model its own key.")
-    feats = np.empty((len(u_full), dims.pop()), dtype=np.float32)
+    feats = np.empty((len(plan.first_row), dims.pop()), dtype=np.float32)
     for c, r in zip(chunks, results):
         feats[c] = r
-    return feats[inverse]
+    return feats[plan.inverse]
 
 
 def _compute(model: torch.nn.Module, table: SampleTable, first_row: np.ndarray, chunks: list[np.ndarray],
