@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
     result = train(cfg)
+    if not result.is_main:  # under torchrun: rank 0 prints the summary, once
+        return 0
     from .evaluate_cmd import print_metrics
 
     if result.metrics:

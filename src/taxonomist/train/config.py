@@ -164,6 +164,15 @@ class TrainConfig(_Strict):
                                        "for this many epochs (by more than early_stopping_delta); None: never.")
     early_stopping_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
     feature_batch_size: int = Field(64, ge=1, description="Batch size for feature extraction.")
+    feature_chunk_size: int = Field(512, ge=1, description="Images per file of the feature cache, on average (the "
+                                    "unit that is written atomically, resumed, and split between DDP processes); "
+                                    "512 is what taxonomist evaluate/predict use, another value computes new files.")
+    dist_timeout_min: float | None = Field(60.0, gt=0, description="DDP: minutes any collective may wait (e.g. for "
+                                           "the other processes to finish their share of feature extraction) before "
+                                           "the job fails; None: torch's default (10 min with NCCL).")
+    sync_batchnorm: bool = Field(False, description="DDP on GPUs: convert the model's BatchNorm layers (trainable "
+                                 "backbone, neck norm=batch) to SyncBatchNorm, so batch statistics are those of the "
+                                 "global batch; ignored with a note in one process and on CPU.")
     cache_dir: str | None = Field(None, description="Feature cache folder; None: $TAXONOMIST_CACHE or ~/.cache/taxonomist.")
     progress: bool = True
     tracking: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Experiment trackers that receive "

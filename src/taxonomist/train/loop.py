@@ -8,7 +8,11 @@ images go through the whole model each step.
 Auto-resume: ``checkpoints/last.pt`` is written atomically after every epoch with
 the model, optimiser, scheduler and RNG states; running the same command again
 continues from it and gives the same result as an uninterrupted run (shuffling
-uses a generator seeded per epoch, so no sampler state is needed).
+uses a generator seeded per epoch, and every other random draw is seeded by
+(seed, epoch, rank) at the start of each epoch, so no sampler state is needed).
+
+DDP (docs/scale.md): rank 0 alone reads and writes the run folder and broadcasts
+what it read; frozen-backbone features are extracted by all ranks together.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from ..models import create_backbone, create_model
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..utils.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
 from .config import Config
-from .distributed import barrier, gather_rows, init_distributed, rank_slice, shutdown
+from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
+                          convert_sync_batchnorm, gather_rows, init_distributed, on_main, rank_seed, rank_slice,
+                          shared_dir_group, shutdown)
 from .dynamics import EarlyStopping, WeightEMA
 from .logger import MetricLogger
 from .tracking import create_trackers
@@ -57,6 +63,7 @@ class RunResult:
     epochs_run: int
     resumed_from: int
     stopped_early: bool = False
+    is_main: bool = True  # rank 0 (or a single process): the one that prints and writes
 
 
 @dataclass
@@ -79,6 +86,9 @@ def config_hash(cfg: Config) -> str:
     d["data"].pop("num_workers", None)
     d["train"].pop("tracking", None)  # adding a tracker to a run must not block its resume
     d["train"].pop("tracking_options", None)
+    # neither changes the result; raising the timeout must not block resuming the run that timed out
+    d["train"].pop("dist_timeout_min", None)
+    d["train"].pop("feature_chunk_size", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,7 +106,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
+        self.dist: DistInfo
+        self.dist, self.device = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_min)
         self.log: Log = log if self.dist.is_main else (lambda _msg: None)
         self.progress = cfg.train.progress and self.dist.is_main
 
@@ -135,29 +146,32 @@ class Trainer:
         self._prepare_loss()
         self._prepare_augmentation()
         if self.frozen:
-            # rank 0 fills the on-disk cache first; the other ranks then read it
-            if not self.dist.is_main:
-                barrier(self.dist)
+            if self.dist.enabled:  # the ranks share the extraction; then every rank reads the complete cache
+                self._fill_cache()
             self.train_x = self._features(self.data.train, "train")
             self.val_x = self._features(self.data.val, "val") if self.data.val is not None else None
-            if self.dist.is_main:
-                barrier(self.dist)
         # computing features draws from torch's global generator (DataLoader seeds) and reading them from
         # the cache does not: re-seed so that a run's result does not depend on whether the cache was warm
         seed_everything(cfg.seed + 1)
         self.train_y = torch.as_tensor(self.data.train.nodes(), dtype=torch.long)
+        t = cfg.train
+        if t.sync_batchnorm:  # after the batch-size probe: SyncBatchNorm would make each probe a collective
+            self.model, _, note = convert_sync_batchnorm(self.model, self.dist, self.device)
+            self.log(f"  {note}")
+        # tasks whose per-rank loss is a mean over a rank-dependent number of samples (see
+        # _global_mean_shares): attributes (-1 = unknown) and, with unlabelled training rows, the others too
+        self.count_tasks = self.dist.enabled and (bool(self.train_attr) or bool((self.train_y < 0).any()))
         groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         self.weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
         if self.weighting_params:  # learnable task weights (uncertainty weighting): no weight decay
             groups.append({"params": self.weighting_params, "weight_decay": 0.0})
-        t = cfg.train
         if t.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                              nesterov=True)
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay else None
-        self.steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
+        self.steps_per_epoch = self._count_steps()
         total = self.steps_per_epoch * t.epochs
         warm = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(t.schedule, total, warm))
@@ -252,8 +266,10 @@ class Trainer:
         t, world = self.cfg.train, self.dist.world_size
         per_rank = t.batch_size // world
         path = self.run_dir / "batch_size.json"
-        if path.exists():  # a resumed run keeps its micro-batch
-            micro, reason = int(json.loads(path.read_text())["batch_size"]), f"from {path}"
+        # a resumed run keeps its micro-batch; rank 0 reads the run folder and tells the others
+        kept = on_main(lambda: json.loads(path.read_text()) if path.exists() else None, self.dist)
+        if kept is not None:
+            micro, reason = int(kept["batch_size"]), f"from {path}"
         else:
             autocast, _ = autocast_for(self.device, t.amp)
             s = self.preprocess.image_size
@@ -297,6 +313,7 @@ class Trainer:
                 raise ConfigError("train.mixup.cutmix_alpha > 0 needs images (model.backbone.trainable=true); with "
                                   "cached features use mixup only (cutmix_alpha: 0)")
             opts.setdefault("seed", cfg.seed)
+            self.mixup_seed = int(opts["seed"]) if opts["seed"] is not None else cfg.seed
             import inspect
 
             known = [n for n in inspect.signature(TaxonMixup).parameters if n != "taxonomy"]
@@ -310,8 +327,42 @@ class Trainer:
         feats = extract_features(self.backbone, self.backbone.cache_key, table, self.preprocess,
                                  cache_dir=default_cache_dir(self.cfg), batch_size=self.cfg.train.feature_batch_size,
                                  num_workers=self.cfg.data.num_workers, device=self.device,
-                                 progress=self.progress)
+                                 progress=self.progress, chunk_size=self.cfg.train.feature_chunk_size)
         return torch.as_tensor(np.asarray(feats, dtype=np.float32))
+
+    def _fill_cache(self) -> None:
+        """DDP, frozen backbone: every rank computes its share of the missing feature-cache chunks.
+
+        The ranks that see the same cache folder (all of them on a shared file system, those of one
+        machine on a local disk: found by probe files) split its chunks between them; chunk ``j`` goes
+        to the ``j % n``-th of them, so no file is written twice. Then one barrier (under
+        ``train.dist_timeout_min``), after which every rank reads the complete cache.
+        """
+        from ..data.feature_cache import CacheStats, fill_feature_cache
+
+        cache = default_cache_dir(self.cfg)
+        part, n_parts = shared_dir_group(cache, self.dist)
+        t = self.cfg.train
+        done = []
+        for split, table in (("train", self.data.train), ("val", self.data.val)):
+            if table is None:
+                continue
+            st = fill_feature_cache(self.backbone, self.backbone.cache_key, table, self.preprocess, cache,
+                                    part=part, n_parts=n_parts, batch_size=t.feature_batch_size,
+                                    num_workers=self.cfg.data.num_workers, device=self.device,
+                                    progress=self.progress, chunk_size=t.feature_chunk_size, stats=CacheStats())
+            done.append((split, st.n_chunks, st.chunks_computed, st.images_computed))
+        every = all_gather_objects((n_parts, done), self.dist)  # also waits for every rank's share
+        for i, (split, n_chunks, _, _) in enumerate(every[0][1]):
+            per_rank = [d[1][i][2] for d in every]
+            if sum(per_rank):
+                images = sum(d[1][i][3] for d in every)
+                self.log(f"  features ({split}): {sum(per_rank)} of {n_chunks} cache chunks ({images} images) computed "
+                         f"by {self.dist.world_size} processes: {', '.join(map(str, per_rank))} chunks each")
+        groups = sorted({d[0] for d in every})
+        self.log(f"  feature cache {cache}: " + ("shared by all processes" if groups == [self.dist.world_size] else
+                 f"not shared by all processes (groups of {', '.join(map(str, groups))} share one); each group "
+                 "fills its own copy"))
 
     # ------------------------------------------------------------ batches
     def _epoch_steps(self, epoch: int) -> list[list[tuple[torch.Tensor, float]]]:
@@ -341,8 +392,16 @@ class Trainer:
             steps.append(micros)
         return steps
 
+    def _count_steps(self) -> int:
+        """Optimiser steps per epoch, by the rule of :meth:`_epoch_steps` (the LR schedule's length):
+        under DDP a tail batch smaller than the number of ranks is skipped, so it is not counted."""
+        full, tail = divmod(len(self.data.train), self.cfg.train.batch_size)
+        return full + int(tail > 0 and (not self.dist.enabled or tail >= self.dist.world_size))
+
     def _train_batches(self, epoch: int) -> Iterator[MicroBatch]:
         steps = self._epoch_steps(epoch)
+        if len(steps) != self.steps_per_epoch:  # the schedule would end early or late
+            raise RuntimeError(f"epoch {epoch} has {len(steps)} steps, the LR schedule counts {self.steps_per_epoch}")
         flat = [(idx, scale, j == len(micros) - 1) for micros in steps for j, (idx, scale) in enumerate(micros)]
         if self.frozen:
             for idx, scale, last in flat:
@@ -403,7 +462,8 @@ class Trainer:
         return self.predict_outputs(table, features)[0]
 
     def _validate(self, use_metadata: bool = True) -> dict[str, Any]:
-        """Metrics over the whole validation set (each rank predicts a contiguous block; blocks are gathered)."""
+        """Metrics over the whole validation set: each rank predicts a contiguous block, the blocks are
+        gathered on rank 0, which computes the metrics; the other ranks get {} (and take part)."""
         if self.data.val is None or len(self.data.val) == 0:
             return {}
         rows = np.array_split(np.arange(len(self.data.val)), self.dist.world_size)[self.dist.rank]
@@ -415,12 +475,21 @@ class Trainer:
             local, attrs = self.predict_outputs(features=self.val_x[trows], metadata=meta)
         else:
             local, attrs = self.predict_outputs(self.data.val.select(rows), metadata=meta)
+        # to rank 0 only (blocks in rank order = the validation order); rank 0 computes the metrics
         probs = gather_rows(local, self.dist)
-        m = compute_metrics(self.tax, probs, self.data.val.nodes(), ranks=self.cfg.ranks)
-        if self.val_attr:
-            gathered = {k: torch.as_tensor(gather_rows(v, self.dist)) for k, v in attrs.items()}
-            m.update(attribute_accuracy(gathered, self.val_attr))
-        return {f"val/{k}": v for k, v in m.items()}
+        gathered = {k: gather_rows(v, self.dist) for k, v in sorted(attrs.items())}
+
+        def metrics() -> dict[str, Any]:
+            m = compute_metrics(self.tax, probs, self.data.val.nodes(), ranks=self.cfg.ranks)
+            if self.val_attr:
+                m.update(attribute_accuracy({k: torch.as_tensor(v) for k, v in gathered.items()}, self.val_attr))
+            return {f"val/{k}": v for k, v in m.items()}
+
+        return on_main(metrics, self.dist, share=False) or {}
+
+    @property
+    def has_val(self) -> bool:
+        return self.data.val is not None and len(self.data.val) > 0
 
     # ------------------------------------------------------------ checkpoints
     def _state(self, epoch: int, best: float | None, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -434,7 +503,8 @@ class Trainer:
             "early_stopping": self.stopper.state_dict() if self.stopper is not None else None,
         }
 
-    def _resume(self) -> dict[str, Any] | None:
+    def _read_last(self) -> dict[str, Any] | None:
+        """``checkpoints/last.pt`` checked against this run, or None (rank 0 only: see _resume)."""
         last = self.ckpt_dir / "last.pt"
         if not last.exists():
             return None
@@ -446,6 +516,15 @@ class Trainer:
         if state.get("taxonomy") != self.tax.fingerprint:
             raise ConfigError(f"{self.run_dir} was trained on a different taxonomy or training set "
                               f"({state.get('taxonomy')} vs {self.tax.fingerprint}); use another run name")
+        return state
+
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the run's last checkpoint, if any. Only rank 0 reads it (the run folder need not be
+        visible to the other machines) and broadcasts it entry by entry, so every rank starts from the
+        same epoch, weights, optimiser and scheduler state; a mismatch is an error on every rank."""
+        state = on_main(self._read_last, self.dist, state=True)
+        if state is None:
+            return None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -454,7 +533,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.best_epoch = int(state.get("best_epoch") or 0)
-        set_rng_state(state["rng"])
+        rng = dict(state["rng"])
+        if len(rng.get("cuda", [])) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            rng.pop("cuda", None)  # rank 0's machine had another number of GPUs (each epoch re-seeds anyway)
+        set_rng_state(rng)
         return state
 
     def _save_epoch(self, epoch: int, best: float | None, history: list[dict[str, Any]], is_best: bool) -> None:
@@ -535,9 +617,15 @@ class Trainer:
             row.update(self._validate())
             row["time_s"] = time.time() - t0
             value = row.get(key)
-            if value is None and self.data.val is not None and len(self.data.val):
-                raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r} is not a validation metric; "
-                                  f"choose one of: {', '.join(k[4:] for k in row if k.startswith('val/'))}")
+            problem = None
+            if value is None and self.has_val and self.dist.is_main:
+                problem = (f"checkpoint.best_metric={cfg.checkpoint.best_metric!r} is not a validation metric; "
+                           f"choose one of: {', '.join(k[4:] for k in row if k.startswith('val/'))}")
+            # only rank 0 has the metrics: it sends the one number that decides best checkpoint and early
+            # stopping, so every rank takes the same decisions (and stops at the same epoch)
+            value, problem = broadcast_object((value, problem), self.dist)
+            if problem:
+                raise ConfigError(problem)
             is_best = value is not None and (best is None or (value < best if mode == "min" else value > best))
             if is_best or (value is None and epoch == cfg.train.epochs):
                 best = value
@@ -558,16 +646,23 @@ class Trainer:
                 return best, True
         return best, False
 
+    def _seed_epoch(self, epoch: int) -> None:
+        """Seed every random draw of the epoch (dropout, augmentation and DataLoader worker seeds, loss
+        masking, mixup, metadata masking) by (seed, epoch, rank): the ranks draw differently from each
+        other, as different samples of one process would, and a resumed run repeats its epochs' draws."""
+        rank = self.dist.rank
+        seed_everything(rank_seed(self.cfg.seed, epoch, rank))
+        if self.mixup is not None:
+            self.mixup.rng = np.random.default_rng(rank_seed(self.mixup_seed, epoch, rank))
+        if self.masker is not None:
+            self.masker.generator.manual_seed(rank_seed(self.cfg.seed + 1, epoch, rank))
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         cfg = self.cfg
         sums: dict[str, float] = {}
         count = 0
-        # random draws of mixup and metadata masking are seeded per epoch, so a resumed run repeats them
-        if self.mixup is not None:
-            self.mixup.rng = np.random.default_rng([cfg.seed, epoch])
-        if self.masker is not None:
-            self.masker.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        self._seed_epoch(epoch)
         micro_step = (epoch - 1) * self.steps_per_epoch * self.accumulation_steps
         batches: Any = self._train_batches(epoch)
         if self.progress:
@@ -604,18 +699,17 @@ class Trainer:
                     else:  # soft targets: lam * loss(own target) + (1 - lam) * loss(partner's target)
                         losses = mixture_loss(self.loss_fn, outputs, mixed, extra_targets=extra)
                 self.weighting.update(losses, self.shared_params, micro_step)
+                if self.count_tasks:  # each rank's share of the global mean over labelled samples
+                    losses = self._global_mean_shares(losses, targets, extra)
                 total = self.weighting(losses)
                 self.scaler.scale(total * mb.scale if mb.scale != 1.0 else total).backward()
             micro_step += 1
             if mb.last:
                 if self.dist.enabled and self.weighting_params:  # learnable task weights sit outside DDP
-                    import torch.distributed as tdist
-
                     for p in self.weighting_params:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
-                        tdist.all_reduce(p.grad)
-                        p.grad /= self.dist.world_size
+                        p.grad = all_reduce_sum(p.grad, self.dist) / self.dist.world_size
                 if cfg.train.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -631,18 +725,47 @@ class Trainer:
             for k, v in losses.items():
                 sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v.detach()) * n
         if self.dist.enabled:  # average the logged losses over all ranks' samples
-            import torch.distributed as tdist
-
             keys = sorted(sums)
-            buf = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
-            tdist.all_reduce(buf)
+            buf = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64),
+                                 self.dist)
             sums, count = dict(zip(keys, buf[:-1].tolist())), int(buf[-1])
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _finish(self, start: int, best: float | None, stopped: bool = False) -> RunResult:
+    def _global_mean_shares(self, losses: dict[str, torch.Tensor], targets: torch.Tensor,
+                            extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """DDP: rescale each task's loss so that the rank-averaged gradient is that of the mean over the
+        labelled samples of the whole (global) micro-batch, as in one process.
+
+        A loss over a task that not every sample has is a mean over this rank's ``c`` labelled samples
+        (of ``n``); DDP averages the ranks, and the loop scales by the rank's share of the batch. With
+        ``C`` labelled samples in the ``N`` of all ranks, the multiplier ``N c / (n C)`` turns that into
+        this rank's share of the global mean (one all-reduce of T + 1 counts). The count of a task is
+        the number of samples with a target: ``attr/<name>`` targets >= 0 (the attribute loss's mean),
+        taxonomy tasks targets >= 0 (exact for one-task losses; a per-level loss that also leaves out
+        the levels below a partial label keeps the per-rank mean there, docs/scale.md). Pairs of mixup
+        are a permutation of the batch, so both terms of the mixture have the same counts.
+        """
+        names = list(losses)
+        valid = [extra[k] >= 0 if extra is not None and k in extra else targets >= 0 for k in names]
+        local = torch.stack([v.sum() for v in valid]).double().cpu().tolist() + [float(len(targets))]
+        glob = all_reduce_sum(torch.tensor(local, dtype=torch.float64), self.dist)
+        n, big_n = float(len(targets)), float(glob[-1])
+        out = {}
+        for i, k in enumerate(names):
+            c, big_c = float(local[i]), float(glob[i])
+            out[k] = losses[k] * (big_n * c / (n * big_c)) if big_c > 0 else losses[k]
+        return out
+
+    def _read_best(self) -> dict[str, Any]:
         best_path = self.ckpt_dir / "best.pt"
         state = torch.load(best_path if best_path.exists() else self.ckpt_dir / "last.pt", map_location="cpu",
                            weights_only=False)
+        return {k: state[k] for k in ("epoch", "model", "ema")}
+
+    def _finish(self, start: int, best: float | None, stopped: bool = False) -> RunResult:
+        # rank 0 reads the best checkpoint and sends it: every rank validates the same weights
+        state = on_main(self._read_best, self.dist, state=True)
+        assert state is not None
         self.model.load_state_dict(state["model"])
         if self.ema is not None:  # the averaged weights are the result
             self.ema.load_state_dict(state["ema"])
@@ -650,16 +773,18 @@ class Trainer:
             self.ema = None
         metrics = self._validate()
         metrics = {k[4:]: v for k, v in metrics.items()}
-        if metrics and self.val_meta is not None:  # the same model when metadata is missing
+        if self.has_val and self.val_meta is not None:  # the same model when metadata is missing (collective)
             metrics.update({f"no_metadata/{k[4:]}": v for k, v in self._validate(use_metadata=False).items()})
+        if metrics:
+            metrics["epoch"] = state["epoch"]
+        metrics = broadcast_object(metrics, self.dist)  # the same RunResult on every rank
         bundle_dir = self.run_dir / "bundle"
         epochs_run = self.last_epoch - start
         if not self.dist.is_main:
             barrier(self.dist)
             shutdown(self.dist)
-            return RunResult(self.run_dir, bundle_dir, metrics, epochs_run, start, stopped)
+            return RunResult(self.run_dir, bundle_dir, metrics, epochs_run, start, stopped, is_main=False)
         if metrics:
-            metrics["epoch"] = state["epoch"]
             atomic_write_json(self.run_dir / "metrics.json", metrics)
         extra: dict[str, Any] = {"epoch": state["epoch"], "val_metrics": metrics,
                                  "threshold": self.cfg.predict.threshold, "attributes": self.attr_vocab}
