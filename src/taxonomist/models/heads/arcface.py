@@ -75,7 +75,10 @@ def margin_logits(cos: Tensor, positive: Tensor | None, scale: float, margin: fl
     """``s * cos`` with the angular margin on the entries where ``positive`` is True."""
     if positive is None or margin == 0.0:
         return scale * cos
-    return scale * torch.where(positive, arc_margin(cos, margin), cos)
+    # the margin only where it applies (a few entries per row for root paths): same values as
+    # ``where(positive, arc_margin(cos), cos)`` without the margin's arithmetic over every entry
+    idx = positive.nonzero(as_tuple=True)
+    return (scale * cos).index_put(idx, scale * arc_margin(cos[idx], margin))
 
 
 @register_head("arcface")

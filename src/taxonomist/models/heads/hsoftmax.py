@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ...taxonomy import Taxonomy
-from ..tree_tensors import ColumnSums, DepthLevels, covered_nodes, segment_log_softmax
+from ..tree_tensors import ColumnSums, DepthLevels, covered_nodes, segment_log_softmax, segment_logsumexp
 from .base import Head, register_head
 
 
@@ -112,6 +112,10 @@ class HierarchicalSoftmaxHead(Head):
         out_all, in_all = np.concatenate(out_idx), np.concatenate(in_idx)
         has = in_all >= 0  # a node without a branch of its own (see branch_structure) adds log 1 = 0
         self.label_sum = ColumnSums(out_all[has], in_all[has], taxonomy.n_labels, self.n_branches)
+        # log p(branch | group) = z_branch - logsumexp_group(z), so log p(label) = (sum of the path's
+        # branch logits) - (sum of the path's group logsumexps): two sparse products, the second
+        # over the [B, n_groups] logsumexps, with no [B, n_branches] log-softmax in between
+        self.group_sum = ColumnSums(out_all[has], group_code[in_all[has]], taxonomy.n_labels, self.n_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(self.in_features, self.n_branches, bias=bias)
 
@@ -151,7 +155,8 @@ class HierarchicalSoftmaxHead(Head):
         return self.levels_op.path_sum(node_cond), self.stop_log_probs(outputs, cond)
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        return self.label_sum(self._branch_log_probs(outputs))
+        z = outputs["branches"].float()
+        return self.label_sum(z) - self.group_sum(segment_logsumexp(z, self.group_code, self.n_groups))
 
     def node_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """The path products: each node's subtree mass (exactly the marginal of the label distribution)."""

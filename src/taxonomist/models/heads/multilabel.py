@@ -34,7 +34,7 @@ in the normalisation and::
 This is the hierarchy-and-exclusion (HEX) graph model of Deng et al. (ECCV 2014, "Large-scale
 object classification using label relation graphs"): ``p(y) ∝ prod_v exp(z_v y_v)`` over the
 legal assignments y. It sums to 1 over the labels, uses every node's logit, and is computed
-with one root-path sum (one gather per depth level).
+with one root-path sum (one sparse product over the labels' ancestors).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ...taxonomy import Taxonomy
-from ..tree_tensors import DepthLevels
+from ..tree_tensors import ColumnSums, DepthLevels
 from .arcface import check_scale_margin, cosine_logits, margin_logits
 from .base import Head, register_head
 
@@ -70,6 +70,11 @@ class MultiLabelHead(Head):
         nn.init.xavier_uniform_(self.weight)
         self.levels_op = DepthLevels(taxonomy)
         self.register_buffer("label_ids", torch.from_numpy(taxonomy.label_ids.astype(np.int64)), persistent=False)
+        # a label's score: the sum of the logits on its root path (root excluded), one sparse product
+        anc = taxonomy.ancestor_matrix(taxonomy.label_ids)
+        lab, dep = np.nonzero(anc >= 0)
+        keep = dep > 0
+        self.path_sum = ColumnSums(lab[keep], anc[lab[keep], dep[keep]], taxonomy.n_labels, taxonomy.n_nodes)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -102,9 +107,7 @@ class MultiLabelHead(Head):
         return torch.cat([torch.ones_like(p[:, :1]), p[:, 1:]], dim=1)
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        z = outputs["nodes"].float()
-        z = torch.cat([torch.zeros_like(z[:, :1]), z[:, 1:]], dim=1)
-        return self.levels_op.path_sum(z).index_select(1, self.label_ids).log_softmax(dim=-1)
+        return self.path_sum(outputs["nodes"].float()).log_softmax(dim=-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"

@@ -112,9 +112,18 @@ class PerRankHead(Head):
         total = int(offsets[-1])
         # column of each (label, level) class in the concatenated level log-probs (-1: no class there)
         gather = np.where(label_codes >= 0, label_codes + offsets[:-1][None, :], -1)
-        # a label's score = the sum of its classes' log-probabilities over the levels (none class: 0)
-        lab, lev = np.nonzero(label_codes >= 0)
+        # a label's score = the sum of its classes' log-probabilities over the levels (none class: 0).
+        # log_softmax(Z_j)[c] = Z_j[c] - logsumexp(Z_j), so the score is a sparse sum of the raw logits
+        # minus sum_j logsumexp(Z_j) over the levels where the label has a class; where every label
+        # has a class at every level that term is the same for all labels and cancels in the final
+        # log_softmax. A level with one class adds log 1 = 0 and is left out.
+        use = label_codes >= 0
+        use[:, np.asarray(self.sizes) == 1] = False
+        lab, lev = np.nonzero(use)
         self.level_sum = ColumnSums(lab, gather[lab, lev], taxonomy.n_labels, total)
+        varied = np.flatnonzero(~(use.all(axis=0) | ~use.any(axis=0)))  # levels some labels lack (not all/none)
+        self.lse_levels: list[int] = varied.tolist()
+        self.register_buffer("lse_use", torch.from_numpy(use[:, varied].astype(np.float32)), persistent=False)
         self.register_buffer("node_targets", torch.from_numpy(node_targets), persistent=False)
         self.register_buffer("class_nodes", torch.from_numpy(np.concatenate(class_nodes).astype(np.int64)),
                              persistent=False)
@@ -134,9 +143,12 @@ class PerRankHead(Head):
         return {lv: outputs[lv].float().log_softmax(dim=-1) for lv in self.levels}
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        lp = self.level_log_probs(outputs)
-        flat = torch.cat([lp[lv] for lv in self.levels], dim=-1)
-        return self.level_sum(flat).log_softmax(dim=-1)
+        z = [outputs[lv].float() for lv in self.levels]
+        score = self.level_sum(torch.cat(z, dim=-1))
+        if self.lse_levels:      # levels only some labels have a class at: their logsumexp differs by label
+            lse = torch.stack([z[j].logsumexp(dim=-1) for j in self.lse_levels], dim=-1)
+            score = score - lse @ self.lse_use.t()
+        return score.log_softmax(dim=-1)
 
     def level_classes(self) -> dict[str, Tensor]:
         """Node id of each class per level (``-1`` = the none class)."""

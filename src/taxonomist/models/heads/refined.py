@@ -28,7 +28,10 @@ stop or pass (an internal label node at level j, or level j's none class). A cla
 no parent at all (possible only with ``none_class=False`` when lineages skip a level) gets
 no prior term (``log 1``). ``P . H`` is a sparse product computed in log space,
 ``log(P.H + eps) = logaddexp(logsumexp over parents of log P, log eps)``: the same
-number as the formula, without dividing by small probabilities in the gradient.
+number as the formula, without dividing by small probabilities in the gradient. Where every
+class has at most one parent class (every level of a tree without none-class merges) it is
+``log(P[parent] + eps)``: one exp on level j, one gather, one log (the gradient
+``P / (P + eps)`` is bounded).
 
 Outputs are keyed by level name, exactly like ``per_rank`` (the refined logits
 ``Z'_j``), so ``per_rank_ce`` trains them level by level; ``level_targets``,
@@ -90,6 +93,7 @@ class RefinedHead(PerRankHead):
         if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < 1.0):
             raise ConfigError(f"model.head.eps={eps!r} must be a number in (0, 1) (the floor of the parent "
                               "mass inside log(P.H + eps)); e.g. 1e-6")
+        self.eps = float(eps)
         self.log_eps = math.log(float(eps))
         self.refine = True
         _, _, label_codes, _ = level_codes(taxonomy, ranks, none_class)
@@ -99,6 +103,14 @@ class RefinedHead(PerRankHead):
             self.register_buffer(f"edge_src_{j}", torch.from_numpy(src), persistent=False)
             self.register_buffer(f"edge_dst_{j}", torch.from_numpy(dst), persistent=False)
             self.register_buffer(f"has_parent_{j}", torch.from_numpy(has_parent), persistent=False)
+            # the common case: every class of level j+1 has at most one parent class, so the sum over
+            # parents is a gather (no segment logsumexp); -1 marks the (rare) several-parents case
+            counts = np.bincount(dst, minlength=self.sizes[j + 1])
+            single = np.zeros(self.sizes[j + 1], dtype=np.int64)
+            single[dst] = src
+            self.register_buffer(f"single_parent_{j}", torch.from_numpy(single if counts.max(initial=0) <= 1
+                                                                       else np.zeros(0, np.int64)),
+                                 persistent=False)
 
     def edges(self, j: int) -> tuple[Tensor, Tensor]:
         """(parent class at level j, child class at level j+1) pairs of ``H[j, j+1]``."""
@@ -111,23 +123,30 @@ class RefinedHead(PerRankHead):
     def log_prior(self, route_log_probs: Tensor, j: int) -> Tensor:
         """``log(P_j . H[j, j+1] + eps)`` for the classes of level j+1, [B, C_{j+1}] (float32)."""
         src, dst = self.edges(j)
-        lse = segment_logsumexp(route_log_probs.index_select(1, src), dst, self.sizes[j + 1])
-        prior = torch.logaddexp(lse, torch.full_like(lse, self.log_eps))
+        single = getattr(self, f"single_parent_{j}")
+        if len(single):      # one parent at most per class: log(P[parent] + eps), exp on the smaller level
+            prior = (route_log_probs.exp().index_select(1, single) + self.eps).log()
+        else:
+            lse = segment_logsumexp(route_log_probs.index_select(1, src), dst, self.sizes[j + 1])
+            prior = torch.logaddexp(lse, torch.full_like(lse, self.log_eps))
         return torch.where(getattr(self, f"has_parent_{j}").unsqueeze(0), prior, torch.zeros_like(prior))
 
-    def refine_levels(self, base: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(refined logits by level, routing distribution ``P_j`` by level for levels 0..L-2)."""
+    def refine_levels(self, base: dict[str, Tensor], routes: bool = True
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(refined logits by level, routing distribution ``P_j`` by level for levels 0..L-2; empty
+        with ``routes=False``, which the forward uses: it needs only the logits)."""
         out = [base[self.levels[0]].float()]
-        routes = {}
+        kept = {}
         for j in range(1, len(self.levels)):
             route = self.route_log_probs(out[-1], j - 1)
-            routes[self.levels[j - 1]] = route.exp()
+            if routes:
+                kept[self.levels[j - 1]] = route.exp()
             out.append(base[self.levels[j]].float() + self.log_prior(route, j - 1))
-        return dict(zip(self.levels, out, strict=True)), routes
+        return dict(zip(self.levels, out, strict=True)), kept
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         base = super().forward(features)
-        return self.refine_levels(base)[0] if self.refine else base
+        return self.refine_levels(base, routes=False)[0] if self.refine else base
 
     def routing_probs(self, features: Tensor) -> dict[str, Tensor]:
         """The routing distributions ``P_j`` of one forward pass (levels 0..L-2), for inspection."""
