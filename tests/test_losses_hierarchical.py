@@ -642,3 +642,19 @@ def test_losses_are_float32_under_bf16_autocast_and_reject_bad_targets(plankton)
         create_loss("taxonomy_smoothing", plankton, head, alpha=1.0)
     with pytest.raises(ConfigError, match="not a distance metric"):
         create_loss("soft_labels", plankton, head, metric="euclid")
+
+
+def test_soft_labels_beta_inf_is_the_one_hot_limit_equal_to_ce(shared_data):
+    """beta = inf used to give NaN (-inf * 0 in the softmax); it is the limit: ce, partial labels too."""
+    from test_models import plankton_tree
+
+    tax = plankton_tree(shared_data)
+    torch.manual_seed(0)
+    head = create_head("flat", tax, 8)
+    partial = [int(v) for v in range(1, tax.n_nodes) if not tax.is_label[v]][:4]
+    targets = torch.tensor([int(v) for v in tax.label_ids[::15]] + partial + [-1])
+    out = head(torch.randn(len(targets), 8))
+    got = create_loss("soft_labels", tax, head, beta=float("inf"))(out, targets)["labels"]
+    want = create_loss("ce", tax, head)(out, targets)["labels"]
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

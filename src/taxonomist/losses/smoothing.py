@@ -31,6 +31,7 @@ distance to ``t``, exactly as for a label target. A label target (internal label
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -136,7 +137,8 @@ class TaxonomySmoothing(_SetTargetLoss):
 class SoftLabels(_SetTargetLoss):
     """Soft labels of Bertinetto et al. 2020 (module docstring). Task ``"labels"``.
 
-    Options: ``beta`` (default 10; larger = closer to one-hot), ``metric`` (``lca_height``
+    Options: ``beta`` (default 10; larger = closer to one-hot; ``inf`` is the limit, all mass on
+    the nearest labels: the target itself, i.e. ``ce``, for a label target), ``metric`` (``lca_height``
     default, as in the paper; ``path``, ``rank_steps``), ``ranks``, ``partial``, ``dense_max``.
     ``max d`` is the largest label-to-label distance (exact with the dense matrix; above
     ``dense_max`` labels the exact value for ``lca_height`` and an upper bound otherwise).
@@ -152,5 +154,10 @@ class SoftLabels(_SetTargetLoss):
         self.scale = max(self.distance.max_label_distance, 1.0)
 
     def target_weights(self, distances: Tensor, in_set: Tensor) -> tuple[Tensor, Tensor]:
-        t = torch.softmax(-self.beta * distances / self.scale, dim=-1)
+        if math.isinf(self.beta):   # the limit: equal mass on the nearest labels (-inf * 0 would be NaN)
+            d = distances.float()
+            nearest = d == d.min(dim=-1, keepdim=True).values
+            t = nearest.float() / nearest.sum(dim=-1, keepdim=True)
+        else:
+            t = torch.softmax(-self.beta * distances / self.scale, dim=-1)
         return (t * in_set).sum(-1), t * ~in_set
