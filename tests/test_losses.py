@@ -243,3 +243,52 @@ def test_static_weighting():
         StaticWeighting({"genus": -1.0})
     with pytest.raises(ConfigError, match="unknown task weighting 'gradnormm'"):
         create_weighting("gradnormm")
+
+
+def test_per_rank_ce_taxonomy_smoothing_matches_slow_reference(plankton):
+    """Per-level taxonomy smoothing against a reference built pair by pair with Taxonomy.distance;
+    taxonomy_alpha = 0 is plain per_rank_ce."""
+    import math
+
+    torch.manual_seed(4)
+    head = create_head("per_rank", plankton, 8)
+    targets = torch.tensor([int(v) for v in plankton.label_ids[::7]] + [int(v) for v in range(1, plankton.n_nodes, 9)]
+                           + [-1])
+    targets = targets[(targets < 0) | torch.from_numpy(
+        plankton.subtree_sum(plankton.is_label.astype(np.int64)) > 0)[targets.clamp(min=0)]]
+    out = head(torch.randn(len(targets), 8))
+    plain = create_loss("per_rank_ce", plankton, head)(out, targets)
+    zero = create_loss("per_rank_ce", plankton, head, taxonomy_alpha=0.0, taxonomy_beta=2.0)(out, targets)
+    for lv in head.levels:
+        torch.testing.assert_close(zero[lv], plain[lv])
+    alpha, beta = 0.3, 0.7
+    got = create_loss("per_rank_ce", plankton, head, taxonomy_alpha=alpha, taxonomy_beta=beta)(out, targets)
+    level_t = head.level_targets(targets)
+    for lv, nodes in head.level_classes().items():
+        nodes = nodes.tolist()
+        terms = []
+        for b in range(len(targets)):
+            i = int(level_t[lv][b])
+            if i < 0:
+                continue
+            c = len(nodes)
+            others = [k for k in range(c) if k != i]
+            rel = ([k for k in others if nodes[k] >= 0
+                    and set(plankton.ancestors(nodes[i])[1:]) & set(plankton.ancestors(nodes[k])[1:])]
+                   if nodes[i] >= 0 else [])
+            target = np.zeros(c)
+            target[i] = 1.0
+            if others:
+                if rel:
+                    cand = [k for k in others if nodes[k] >= 0]
+                    w = np.array([math.exp(-beta * plankton.distance(nodes[i], nodes[k])) for k in cand])
+                else:
+                    cand, w = others, np.ones(len(others))
+                target[i] = 1 - alpha
+                target[cand] += alpha * w / w.sum()
+            logp = torch.log_softmax(out[lv][b].detach().double(), -1).numpy()
+            terms.append(-(target * logp).sum())
+        want = float(np.mean(terms)) if terms else 0.0
+        assert got[lv].item() == pytest.approx(want, rel=1e-5, abs=1e-6), lv
+    with pytest.raises(ConfigError, match="two kinds of smoothing"):
+        create_loss("per_rank_ce", plankton, head, taxonomy_alpha=0.1, label_smoothing=0.1)

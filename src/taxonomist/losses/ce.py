@@ -25,11 +25,23 @@ known at this rank". Scheduled null masking (``null_mask_start/end/steps``; afte
 Linnaeus' scheduled null-loss masking) drops the term of each sample whose level
 target is the none class with a probability that moves linearly from start to
 end over ``null_mask_steps`` training steps.
+
+Taxonomy smoothing per task (``per_rank_ce`` with ``taxonomy_alpha`` > 0; FIELD_NOTES.md
+"Taxonomy smoothing settings"): each level's target is ``1 - alpha`` on the true class ``i`` and
+``alpha * w_ik / sum_{k != i} w_ik`` on the level's other classes, ``w_ik = exp(-beta * d_ik)`` with
+``d_ik`` the tree path distance between the two class nodes. A class with no relative in its
+level (no other class shares an ancestor below the root with it: a level whose classes are all
+root children, or hierarchy links missing) and the none class fall back to uniform smoothing over
+the level's other classes; no real class counts the none class as a relative (weight 0).
+Distances come from the level's ``[C_j, depth+1]`` ancestor table, built once; a batch costs one
+``[B, C_j]`` comparison per depth level.
 """
 
 from __future__ import annotations
 
 import warnings
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +114,8 @@ class PerRankCrossEntropy(Loss):
     Each level's loss is the mean over the samples that have a target at that level; a
     level with none in the batch gives a connected zero.
 
-    Options: ``label_smoothing``; ``partial`` = ``"ignore"`` (default) or ``"null"`` (levels
+    Options: ``label_smoothing`` (uniform) or ``taxonomy_alpha`` / ``taxonomy_beta`` (taxonomy
+    smoothing within each level, module docstring; alpha 0 = off); ``partial`` = ``"ignore"`` (default) or ``"null"`` (levels
     below a partial target train towards the level's none class where the head has one;
     levels without a none class keep ignoring them, listed in ``ignored_null_levels``);
     ``null_mask_start``, ``null_mask_end`` (probabilities in [0, 1], default 0) and
@@ -113,7 +126,8 @@ class PerRankCrossEntropy(Loss):
     """
 
     def __init__(self, taxonomy: Taxonomy, head: Head, label_smoothing: float = 0.0, partial: str = "ignore",
-                 null_mask_start: float = 0.0, null_mask_end: float = 0.0, null_mask_steps: int = 0) -> None:
+                 null_mask_start: float = 0.0, null_mask_end: float = 0.0, null_mask_steps: int = 0,
+                 taxonomy_alpha: float = 0.0, taxonomy_beta: float = 1.0) -> None:
         super().__init__(taxonomy, head)
         if not hasattr(head, "level_targets") or not hasattr(head, "levels"):
             raise ConfigError(f"loss 'per_rank_ce' needs a head with one output per level (e.g. 'per_rank'); "
@@ -129,11 +143,28 @@ class PerRankCrossEntropy(Loss):
         if int(null_mask_steps) < 0:
             raise ConfigError(f"loss.null_mask_steps={null_mask_steps} must be >= 0")
         self.null_mask = (float(null_mask_start), float(null_mask_end), int(null_mask_steps))
+        if not 0.0 <= float(taxonomy_alpha) < 1.0:
+            raise ConfigError(f"loss.taxonomy_alpha={taxonomy_alpha} must be in [0, 1)")
+        if not float(taxonomy_beta) >= 0.0:
+            raise ConfigError(f"loss.taxonomy_beta={taxonomy_beta} must be >= 0")
+        if float(taxonomy_alpha) > 0 and self.label_smoothing > 0:
+            raise ConfigError("loss.label_smoothing and loss.taxonomy_alpha are two kinds of smoothing: set one")
+        self.taxonomy_alpha, self.taxonomy_beta = float(taxonomy_alpha), float(taxonomy_beta)
         self.step = 0
         self.register_buffer("is_label", torch.from_numpy(taxonomy.is_label.copy()), persistent=False)
         classes = head.level_classes() if hasattr(head, "level_classes") else {}
         # index of each level's none class (-1: the level has none)
         self.none_index = {lv: (int(len(c) - 1) if len(c) and int(c[-1]) == -1 else -1) for lv, c in classes.items()}
+        if self.taxonomy_alpha > 0:
+            for j, lv in enumerate(head.levels):
+                nodes = classes[lv].cpu().numpy()
+                anc = np.full((len(nodes), taxonomy.max_depth + 1), -1, dtype=np.int64)
+                real = nodes >= 0
+                anc[real] = taxonomy.ancestor_matrix(nodes[real])
+                dep = np.where(real, taxonomy.depth[np.maximum(nodes, 0)], -1)
+                self.register_buffer(f"level_anc_{j}", torch.from_numpy(anc[:, :max(int(dep.max()), 0) + 1]),
+                                     persistent=False)
+                self.register_buffer(f"level_depth_{j}", torch.from_numpy(dep.astype(np.int64)), persistent=False)
         self.ignored_null_levels = tuple(lv for lv in head.levels if self.none_index.get(lv, -1) < 0)
         if partial == "null" and len(self.ignored_null_levels) == len(head.levels):
             warnings.warn("loss per_rank_ce with partial='null': no level of this head has a none class "
@@ -153,6 +184,28 @@ class PerRankCrossEntropy(Loss):
         frac = 1.0 if steps == 0 else min(1.0, self.step / steps)
         return start + (end - start) * frac
 
+    def smoothed_targets(self, j: int, t: Tensor) -> Tensor:
+        """``[B, C_j]`` taxonomy-smoothed target distribution of level ``j`` for class indices ``t``
+        (``-1`` rows: zeros). Module docstring."""
+        anc, dep = getattr(self, f"level_anc_{j}"), getattr(self, f"level_depth_{j}")
+        n = anc.shape[0]
+        tc = t.clamp(min=0)
+        at = anc[tc]                                                        # [B, D]
+        lca = torch.zeros(t.shape[0], n, dtype=torch.long, device=t.device)  # depth(LCA) + 1 (root agrees)
+        for d in range(anc.shape[1]):
+            lca += (at[:, d:d + 1] == anc[None, :, d]) & (at[:, d:d + 1] >= 0)
+        real = dep >= 0
+        dist = (dep[tc][:, None] + dep[None, :] - 2 * (lca - 1)).float()
+        own = torch.nn.functional.one_hot(tc, n).bool()
+        related = (lca > 1) & ~own & real[None, :] & real[tc][:, None]
+        has = related.any(dim=-1, keepdim=True)
+        logits = torch.where(has, -self.taxonomy_beta * dist, torch.zeros_like(dist))
+        allowed = torch.where(has, real[None, :].expand_as(own), torch.ones_like(own)) & ~own
+        w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        alpha = self.taxonomy_alpha * allowed.any(dim=-1, keepdim=True).float()
+        out = (1.0 - alpha) * own.float() + alpha * w
+        return torch.where((t >= 0)[:, None], out, torch.zeros_like(out))
+
     def forward(self, outputs: dict[str, Tensor], targets: Tensor,
                 extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.check_targets(targets)
@@ -160,7 +213,7 @@ class PerRankCrossEntropy(Loss):
         partial = (targets >= 0) & ~self.is_label[targets.clamp(min=0)]
         p_mask = self.null_mask_probability() if self.training else 0.0
         out = {}
-        for level in self.head.levels:
+        for j, level in enumerate(self.head.levels):
             t = level_targets[level]
             none = self.none_index.get(level, -1)
             if none >= 0:
@@ -169,8 +222,13 @@ class PerRankCrossEntropy(Loss):
                 if p_mask > 0:
                     drop = (t == none) & (torch.rand(t.shape, device=t.device) < p_mask)
                     t = torch.where(drop, torch.full_like(t, -1), t)
-            total = F.cross_entropy(outputs[level].float(), t, ignore_index=-1, reduction="sum",
-                                    label_smoothing=self.label_smoothing)
+            if self.taxonomy_alpha > 0:
+                with torch.no_grad():
+                    soft = self.smoothed_targets(j, t)
+                total = -(soft * outputs[level].float().log_softmax(dim=-1)).sum()
+            else:
+                total = F.cross_entropy(outputs[level].float(), t, ignore_index=-1, reduction="sum",
+                                        label_smoothing=self.label_smoothing)
             out[level] = total / (t >= 0).sum().clamp(min=1)
         if self.training:
             self.step += 1
