@@ -196,3 +196,127 @@ def test_ablation_and_encoder_to_fusion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MetadataMasker(ProbabilitySchedule.of({"start": 0.5}))
+
+
+# ----------------------------------------------------------------------------- fields from a spec / the config
+def test_inferred_kinds_follow_the_documented_rule_and_are_reported():
+    lines: list[str] = []
+    enc = MetadataEncoder.from_spec(["depth_m", "Latitude", "eventDate", "hour", "month", "meta_lon"], log=lines.append)
+    assert [(f.name, f.kind, f.columns, f.period) for f in enc.fields] == [
+        ("depth_m", "numeric", ("depth_m",), 0.0),
+        ("latlon", "latlon", ("Latitude", "meta_lon"), 0.0),  # the pair takes the place of its first column
+        ("eventDate", "day_of_year", ("eventDate",), 0.0),
+        ("hour", "time_of_day", ("hour",), 0.0),
+        ("month", "cyclic", ("month",), 12.0)]
+    assert lines == [
+        "metadata field 'depth_m': numeric, column depth_m (inferred: not a lat/lon, date, time or month name)",
+        "metadata field 'latlon': latlon (sphere), columns Latitude, meta_lon (inferred: a latitude and a longitude "
+        "name)",
+        "metadata field 'eventDate': day_of_year, column eventDate (inferred: 'eventdate' is a date / day-of-year "
+        "name)",
+        "metadata field 'hour': time_of_day, column hour (inferred: 'hour' is a time name)",
+        "metadata field 'month': cyclic (period 12), column month (inferred: 'month' is a month name)"]
+    months = _table({"month": [1.0, 12.0, 7.0]})
+    v = MetadataEncoder.from_spec(["month"]).fit_transform(months).values
+    np.testing.assert_allclose(v[1], [math.sin(2 * math.pi), 1.0], atol=1e-6)  # December next to January's 0/12
+    np.testing.assert_allclose(v[2], [math.sin(2 * math.pi * 7 / 12), math.cos(2 * math.pi * 7 / 12)], rtol=1e-6)
+
+
+def test_day_is_ambiguous_and_needs_a_kind():
+    table = _table({"day": [1.0, 15.0, 31.0], "depth": [1.0, 2.0, 3.0]})
+    for spec in ("auto", ["day"], [{"name": "day"}]):
+        with pytest.raises(ConfigError, match=r"'day' is ambiguous .*kind: day_of_year.*kind: cyclic, period: 31"):
+            MetadataEncoder.from_spec(spec, table)
+    lines: list[str] = []
+    doy = MetadataEncoder.from_spec([{"name": "day", "kind": "day_of_year"}], table, log=lines.append)
+    assert lines == ["metadata field 'day': day_of_year, column day (given)"]
+    np.testing.assert_allclose(doy.fit_transform(table).values, _encode("day_of_year", [1.0, 15.0, 31.0]))
+    dom = MetadataEncoder.from_spec([{"name": "day", "kind": "cyclic", "period": 31}, "depth"], table)
+    out = dom.fit_transform(table).values
+    np.testing.assert_allclose(out[:, :2], np.stack([np.sin(2 * np.pi * np.array([1, 15, 31]) / 31),
+                                                     np.cos(2 * np.pi * np.array([1, 15, 31]) / 31)], axis=1),
+                               atol=1e-6)
+    assert [f.kind for f in dom.fields] == ["cyclic", "numeric"]
+    # 'auto' still finds the other columns of a table without ambiguous names, with their kinds
+    assert [f.kind for f in MetadataEncoder.from_spec("auto", _table({"depth": [1.0], "month": [3.0]})).fields] == [
+        "numeric", "cyclic"]
+
+
+def test_mappings_reach_cyclic_periods_and_the_sincos_encoding():
+    table = _table({"lat": [10.0, -33.9], "lon": [-180.0, 18.4], "heading": [0.0, 90.0]})
+    enc = MetadataEncoder.from_spec([{"kind": "latlon", "columns": ["lat", "lon"], "encoding": "sincos",
+                                      "name": "where"}, {"name": "heading", "kind": "cyclic", "period": 360}])
+    assert [(f.name, f.kind, f.encoding, f.period) for f in enc.fields] == [
+        ("where", "latlon", "sincos", 0.0), ("heading", "cyclic", "sphere", 360.0)]
+    v = enc.fit_transform(table).values
+    assert v.shape == (2, 6)
+    np.testing.assert_allclose(v[1, :4], [math.sin(math.pi * 18.4 / 180), math.cos(math.pi * 18.4 / 180),
+                                          math.sin(math.pi * -33.9 / 90), math.cos(math.pi * -33.9 / 90)], rtol=1e-5)
+    np.testing.assert_allclose(v[:, 4:], [[0.0, 1.0], [1.0, 0.0]], atol=1e-6)
+    # an inferred pair uses latlon_encoding (data.metadata.latlon_encoding)
+    assert MetadataEncoder.from_spec(["lat", "lon"], latlon_encoding="sincos").fields[0].encoding == "sincos"
+    for bad, match in ((["lat", "latitude", "lon"], "several latitude columns"),
+                       (["depth", "meta_depth"], "more than once"),
+                       ([{"name": "x", "kind": "circular"}], "choose one of: latlon, day_of_year, time_of_day, cyclic"),
+                       ([{"name": "x", "period": 3}], "period needs an explicit kind"),
+                       ([{"name": "x", "kind": "numeric", "period": 3}], "period is for kind cyclic only"),
+                       ([{"name": "x", "kind": "cyclic"}], "needs a period"),
+                       ([{"kind": "latlon", "columns": ["lat"]}], r"columns: \[LATITUDE, LONGITUDE\]"),
+                       ([{"name": "x", "kind": "numeric", "colour": 1}], "unknown key")):
+        with pytest.raises(ConfigError, match=match):
+            MetadataEncoder.from_spec(bad)
+
+
+def _config(columns, **more):
+    from taxonomist.train.config import load_config
+
+    return load_config(base={"data": {"train": "unused", "metadata": {"columns": columns, **more}}})
+
+
+def test_config_entries_are_validated_by_pydantic_and_build_the_encoder():
+    import typing
+
+    from taxonomist.data.metadata import FIELD_KINDS
+    from taxonomist.train.config import MetadataColumnConfig
+
+    kinds = typing.get_args(typing.get_args(MetadataColumnConfig.model_fields["kind"].annotation)[0])
+    assert kinds == FIELD_KINDS  # the config's choices are the encoder's
+    cfg = _config(["area", {"name": "angle", "kind": "cyclic", "period": 180},
+                   {"kind": "latlon", "columns": ["lat", "lon"], "encoding": "sincos"}], latlon_encoding="sincos")
+    cols = cfg.data.metadata.columns
+    assert cols[0] == "area" and isinstance(cols[1], MetadataColumnConfig) and cols[1].period == 180.0
+    enc = MetadataEncoder.from_spec(cols, latlon_encoding=cfg.data.metadata.latlon_encoding)
+    assert [(f.name, f.kind, f.period, f.encoding) for f in enc.fields] == [
+        ("area", "numeric", 0.0, "sphere"), ("angle", "cyclic", 180.0, "sphere"), ("latlon", "latlon", 0.0, "sincos")]
+    # the resolved config.yaml loads back to the same columns
+    from taxonomist.train.config import load_config
+
+    assert load_config(base=cfg.model_dump(mode="json")).data.metadata == cfg.data.metadata
+    for columns, match in (
+            ([{"name": "x", "kind": "circular"}],
+             r"entry 0: kind: Input should be 'latlon', 'day_of_year', 'time_of_day', 'cyclic' or 'numeric' "
+             r"\(got 'circular'\)"),
+            ([{"name": "x", "kind": "cyclic"}], "entry 0: kind cyclic needs a period"),
+            (["a", {"name": "x", "kind": "cyclic", "period": -2}], r"entry 1: period: Input should be greater than 0"),
+            ([{"name": "x", "kind": "time_of_day", "period": 24}], "period is for kind cyclic only"),
+            ([{"name": "x", "encoding": "sincos"}], "encoding needs an explicit kind"),
+            ([{"kind": "latlon", "name": "x"}], r"kind latlon needs columns: \[LATITUDE, LONGITUDE\] \(got None\)"),
+            ([{"kind": "latlon", "columns": ["lat"]}], r"kind latlon needs columns: .* \(got \[.lat.\]\)"),
+            ([{"kind": "numeric", "columns": ["a"]}], "columns is for kind latlon only"),
+            ([{"name": "x", "knd": "cyclic"}], "entry 0: knd: unknown key; the keys are: name, kind, period, encoding, "
+                                               "columns"),
+            ("area", r"one column: \[area\]")):
+        with pytest.raises(ConfigError, match=match):
+            _config(columns)
+
+
+def test_every_column_mapping_key_is_documented():
+    from pathlib import Path
+
+    from taxonomist.train.config import MetadataColumnConfig
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    config_md, scale_md = (docs / "config.md").read_text(), (docs / "scale.md").read_text()
+    for key in MetadataColumnConfig.model_fields:
+        assert f"`{key}`" in config_md.split("<!-- keys:end -->")[1], key  # the entry table after the generated ones
+        assert f"`{key}`" in scale_md, key

@@ -22,6 +22,20 @@ kind               columns                    encoding
                    elevation, temperature)    the training rows (population std)
 =================  =========================  ====================================================
 
+**Which fields** (:meth:`MetadataEncoder.from_spec`, ``data.metadata.columns``): a
+list of column names, whose kinds are inferred from the names, and/or mappings
+that give the kind, ``{name: month, kind: cyclic, period: 12}``,
+``{kind: latlon, columns: [lat, lon], encoding: sincos}``; or ``"auto"`` (every
+``meta_`` column and the date/time-named ``attr_`` columns, inferred). Inference
+(bare name, lower case; :func:`infer_kind`): a latitude name (``lat``,
+``latitude``, ``decimallatitude``) with a longitude name (``lon``, ``lng``,
+``long``, ``longitude``, ``decimallongitude``) -> one ``latlon`` field; ``doy``,
+``day_of_year``, ``date``, ``eventdate`` -> ``day_of_year``; ``time``, ``hour``,
+``time_of_day``, ``eventtime`` -> ``time_of_day``; ``month`` -> ``cyclic`` with
+period 12; ``day`` is ambiguous (of the year or of the month) and is an error
+asking for the kind; anything else -> ``numeric``. ``from_spec(..., log=print)``
+prints the kind every field got and whether it was given or inferred.
+
 A missing value (NaN / empty cell) gives zeros and mask 0; a value that is
 present but invalid (latitude 95, day 400, an unparseable date) is a DataError
 naming the row and column, never a silent mask. The fitted encoder is saved
@@ -51,7 +65,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,8 +86,76 @@ DAYS_PER_YEAR = 365.25
 
 _LAT_NAMES = ("lat", "latitude", "decimallatitude", "decimal_latitude")
 _LON_NAMES = ("lon", "lng", "long", "longitude", "decimallongitude", "decimal_longitude")
-_DOY_NAMES = ("doy", "day_of_year", "dayofyear", "date", "eventdate", "event_date", "day")
+_DOY_NAMES = ("doy", "day_of_year", "dayofyear", "date", "eventdate", "event_date")
 _TOD_NAMES = ("time", "time_of_day", "hour", "eventtime", "event_time")
+_MONTH_NAMES = ("month",)
+#: Names that could mean two kinds: inferring either would be a silent guess, so their kind must be given.
+AMBIGUOUS_NAMES: dict[str, str] = {
+    "day": "a day of the year (1..366) or a day of the month (1..31)",
+}
+#: How a single column's kind is inferred from its name (bare, lower case): (kind, period, names, why), in
+#: this order; lat/lon names pair into one latlon field, AMBIGUOUS_NAMES are errors, anything else is numeric.
+SINGLE_COLUMN_RULES: tuple[tuple[str, float, tuple[str, ...], str], ...] = (
+    ("day_of_year", 0.0, _DOY_NAMES, "a date / day-of-year name"),
+    ("time_of_day", 0.0, _TOD_NAMES, "a time name"),
+    ("cyclic", 12.0, _MONTH_NAMES, "a month name"),
+)
+
+
+def infer_kind(column: str) -> tuple[str, float, str]:
+    """``(kind, period, reason)`` of a single column from its name (not lat/lon, which come in pairs):
+    :data:`SINGLE_COLUMN_RULES`, else ``numeric``.
+
+    Raises ConfigError for an ambiguous name (:data:`AMBIGUOUS_NAMES`), asking for the kind.
+    """
+    b = _bare(column).lower()
+    if b in AMBIGUOUS_NAMES:
+        raise ConfigError(f"metadata column {column!r}: the name {b!r} is ambiguous ({AMBIGUOUS_NAMES[b]}), so "
+                          f"its kind is not guessed; give it: {{name: {_bare(column)}, kind: day_of_year}}, "
+                          f"{{name: {_bare(column)}, kind: cyclic, period: 31}} or {{name: {_bare(column)}, "
+                          "kind: numeric}")
+    for kind, period, names, why in SINGLE_COLUMN_RULES:
+        if b in names:
+            return kind, period, f"{b!r} is {why}"
+    return "numeric", 0.0, "not a lat/lon, date, time or month name"
+
+
+def describe_field(f: MetaField) -> str:
+    """``numeric, column meta_depth`` / ``cyclic (period 12), column month`` / ``latlon (sphere), columns ...``."""
+    what = {"latlon": f"latlon ({f.encoding})", "cyclic": f"cyclic (period {f.period:g})"}.get(f.kind, f.kind)
+    cols = f"column {f.columns[0]}" if len(f.columns) == 1 else f"columns {', '.join(f.columns)}"
+    return f"{what}, {cols}"
+
+
+_SPEC_KEYS = ("name", "kind", "columns", "period", "encoding")
+
+
+def _field_from_mapping(entry: Mapping[str, Any], i: int, latlon_encoding: str) -> MetaField:
+    """A MetaField from ``{name, kind, columns, period, encoding}`` (None values already dropped)."""
+    where = f"metadata column {i} ({dict(entry)})"
+    unknown = sorted(set(entry) - set(_SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; the keys are: {', '.join(_SPEC_KEYS)}")
+    kind = str(entry["kind"])
+    if kind not in FIELD_KINDS:
+        raise ConfigError(f"{where}: kind {kind!r}; choose one of: {', '.join(FIELD_KINDS)}")
+    if "period" in entry and kind != "cyclic":
+        raise ConfigError(f"{where}: period is for kind cyclic only")
+    if "encoding" in entry and kind != "latlon":
+        raise ConfigError(f"{where}: encoding is for kind latlon only")
+    if kind == "latlon":
+        cols = entry.get("columns")
+        if not isinstance(cols, (list, tuple)) or len(cols) != 2:
+            raise ConfigError(f"{where}: kind latlon takes columns: [LATITUDE, LONGITUDE]")
+        return MetaField("latlon", tuple(cols), name=str(entry.get("name") or ""),
+                         encoding=str(entry.get("encoding", latlon_encoding)))
+    if "columns" in entry:
+        raise ConfigError(f"{where}: columns is for kind latlon only; give the column as name")
+    if not entry.get("name"):
+        raise ConfigError(f"{where}: kind {kind} needs the column as name")
+    if kind == "cyclic" and "period" not in entry:
+        raise ConfigError(f"{where}: kind cyclic needs a period (e.g. 12 for months, 360 for degrees)")
+    return MetaField(kind, (str(entry["name"]),), period=float(entry.get("period", 0.0)))
 
 
 @dataclass
@@ -205,38 +287,98 @@ class MetadataEncoder:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def auto(cls, table: SampleTable | Sequence[str], *, latlon_encoding: str = "sphere") -> MetadataEncoder:
-        """Guess one field per metadata column from its name (lat/lon pairs, dates, times; else numeric).
+    def from_spec(cls, spec: str | Sequence[Any] = "auto", table: SampleTable | None = None, *,
+                  latlon_encoding: str = "sphere", log: Callable[[str], None] | None = None) -> MetadataEncoder:
+        """Build the fields from a spec, as ``data.metadata.columns`` gives it (kinds: :func:`infer_kind`).
 
-        ``table``: a SampleTable (its ``meta_*`` columns and date/time-named ``attr_*`` columns) or column names.
+        ``spec``: ``"auto"`` (every ``meta_*`` column of ``table`` plus its date/time-named ``attr_*``
+        columns, kinds inferred), or a list whose entries are a column name (kind inferred from the name)
+        or a mapping ``{name, kind, period, encoding, columns}`` (a pydantic model with ``model_dump`` is
+        accepted too): ``{name: month, kind: cyclic, period: 12}``,
+        ``{kind: latlon, columns: [lat, lon], encoding: sincos}``; a mapping without ``kind`` is inferred.
+        ``latlon_encoding``: the encoding of a lat/lon pair found by inference. ``log``: called with one
+        line per field saying which kind it got and whether that was given or inferred.
+
+        An ambiguous name (``day``: of the year or of the month?) is a ConfigError that asks for the kind.
+        """
+        if isinstance(spec, str):
+            if spec != "auto":
+                raise ConfigError(f"metadata columns={spec!r}: give 'auto' or a list of column names / "
+                                  "{name, kind, ...} mappings")
+            if not isinstance(table, SampleTable):
+                raise ConfigError("metadata columns='auto' needs the training table to find its meta_ columns")
+            entries: list[Any] = list(table.meta_columns) + [c for c in table.attr_columns
+                                                             if _bare(c).lower() in _DOY_NAMES + _TOD_NAMES]
+        else:
+            entries = list(spec)
+        # (field, how) in the order of the entries; a lat/lon pair takes the place of its first column
+        slots: list[tuple[MetaField, str] | str] = []
+        lat: list[str] = []
+        lon: list[str] = []
+        for i, entry in enumerate(entries):
+            if hasattr(entry, "model_dump"):
+                entry = entry.model_dump()
+            if isinstance(entry, Mapping):
+                entry = {str(k): v for k, v in entry.items() if v is not None}
+                if "kind" not in entry:  # {name: x} is the name x; other options need the kind they belong to
+                    if set(entry) != {"name"}:
+                        raise ConfigError(f"metadata column {i} ({entry}): {', '.join(sorted(set(entry) - {'name'}))}"
+                                          f" needs an explicit kind (one of: {', '.join(FIELD_KINDS)})")
+                    entry = str(entry["name"])
+            if isinstance(entry, str):
+                col = entry
+                b = _bare(col).lower()
+                if b in _LAT_NAMES or b in _LON_NAMES:
+                    (lat if b in _LAT_NAMES else lon).append(col)
+                    if len(lat) + len(lon) == 1:
+                        slots.append("latlon")
+                    continue
+                kind, period, rule = infer_kind(col)
+                slots.append((MetaField(kind, (col,), period=period), f"inferred: {rule}"))
+            elif isinstance(entry, Mapping):
+                slots.append((_field_from_mapping(entry, i, latlon_encoding), "given"))
+            else:
+                raise ConfigError(f"metadata column {i}: {entry!r} is neither a column name nor a "
+                                  "{name, kind, ...} mapping")
+        if len(lat) > 1 or len(lon) > 1:
+            many = lat if len(lat) > 1 else lon
+            raise ConfigError(f"metadata has several {'latitude' if len(lat) > 1 else 'longitude'} columns "
+                              f"{many}; give the pair explicitly: {{kind: latlon, columns: [LAT, LON]}}")
+        if lat or lon:
+            if not (lat and lon):
+                raise DataError(f"metadata has {'latitude' if lat else 'longitude'} column {(lat or lon)[0]!r} "
+                                f"without its {'longitude' if lat else 'latitude'}; add it, or give the fields "
+                                "explicitly")
+            pair = (MetaField("latlon", (lat[0], lon[0]), encoding=latlon_encoding),
+                    "inferred: a latitude and a longitude name")
+            slots = [pair if s == "latlon" else s for s in slots]
+        resolved = [s for s in slots if not isinstance(s, str)]
+        if not resolved:
+            raise DataError("no metadata columns to encode: load the table with metadata_columns=[...] (or give "
+                            "the table meta_<name> columns)")
+        names = [f.name for f, _ in resolved]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"metadata fields {dup} are given more than once (each field needs its own name)")
+        if log is not None:
+            for f, how in resolved:
+                log(f"metadata field {f.name!r}: {describe_field(f)} ({how})")
+        return cls([f for f, _ in resolved])
+
+    @classmethod
+    def auto(cls, table: SampleTable | Sequence[str], *, latlon_encoding: str = "sphere") -> MetadataEncoder:
+        """Infer one field per metadata column from its name (:func:`infer_kind`, lat/lon pairs).
+
+        ``table``: a SampleTable (its ``meta_*`` columns and date/time-named ``attr_*`` columns) or column
+        names. Same as ``from_spec("auto", table)`` / ``from_spec(names)``.
         """
         if isinstance(table, SampleTable):
-            cols = list(table.meta_columns) + [c for c in table.attr_columns
-                                                if _bare(c).lower() in _DOY_NAMES + _TOD_NAMES]
-        else:
-            cols = [str(c) for c in table]
-        bare = {c: _bare(c).lower() for c in cols}
-        lat = [c for c in cols if bare[c] in _LAT_NAMES]
-        lon = [c for c in cols if bare[c] in _LON_NAMES]
-        fields: list[MetaField] = []
-        used: set[str] = set()
-        if lat and lon:
-            fields.append(MetaField("latlon", (lat[0], lon[0]), encoding=latlon_encoding))
-            used |= {lat[0], lon[0]}
-        elif lat or lon:
-            raise DataError(f"metadata has {'latitude' if lat else 'longitude'} column {(lat or lon)[0]!r} without "
-                            f"its {'longitude' if lat else 'latitude'}; add it, or give the fields explicitly")
-        for c in cols:
-            if c in used:
-                continue
-            kind = ("day_of_year" if bare[c] in _DOY_NAMES else "time_of_day" if bare[c] in _TOD_NAMES
-                    else "numeric")
-            if kind == "numeric" and c.startswith(ATTR_PREFIX):
-                continue
-            fields.append(MetaField(kind, (c,)))
-        if not fields:
-            raise DataError("no metadata columns to encode: load the table with metadata_columns=[...]")
-        return cls(fields)
+            return cls.from_spec("auto", table, latlon_encoding=latlon_encoding)
+        return cls.from_spec([str(c) for c in table], latlon_encoding=latlon_encoding)
+
+    def describe(self) -> list[str]:
+        """One line per field: its name, kind and columns (what the encoder does with each)."""
+        return [f"{f.name}: {describe_field(f)}" for f in self.fields]
 
     @property
     def dim(self) -> int:

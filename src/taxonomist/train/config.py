@@ -9,11 +9,12 @@ and YAML syntax for values (``train.lr=3e-4``, ``model.neck.hidden=[512,256]``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+from typing_extensions import TypeAliasType
 
 from ..errors import ConfigError
 
@@ -40,11 +41,101 @@ class SplitConfig(_Strict):
     seed: int = Field(0, description="Seed of the stratified split.")
 
 
+METADATA_KINDS = ("latlon", "day_of_year", "time_of_day", "cyclic", "numeric")  # data.metadata FIELD_KINDS
+
+
+class MetadataColumnConfig(_Strict):
+    """One entry of data.metadata.columns given as a mapping: the kind (and its options) set, not inferred."""
+
+    name: str | None = Field(None, description="The column (bare name, or meta_<name> / attr_<name>); for kind "
+                             "latlon the field's name (default 'latlon').")
+    kind: Literal["latlon", "day_of_year", "time_of_day", "cyclic", "numeric"] | None = Field(
+        None, description="How the column is encoded (docs/scale.md, 'Metadata'); None: inferred from the name, as "
+                          "for a plain name.")
+    period: float | None = Field(None, gt=0, description="kind cyclic only (required there): the period, e.g. 12 "
+                                 "for months, 360 for compass degrees.")
+    encoding: Literal["sphere", "sincos"] | None = Field(None, description="kind latlon only: 'sphere' (3 values) or "
+                                                         "'sincos' (4; Mac Aodha et al. 2019); None: "
+                                                         "data.metadata.latlon_encoding.")
+    columns: list[str] | None = Field(None, description="kind latlon only (required there): [latitude column, "
+                                      "longitude column].")
+
+    @model_validator(mode="after")
+    def _check_kind_options(self) -> MetadataColumnConfig:
+        kind = self.kind
+        if kind is None:
+            extra = [k for k in ("period", "encoding", "columns") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} needs an explicit kind (one of: {', '.join(METADATA_KINDS)})")
+            if not self.name:
+                raise ValueError("give the column as name (and optionally its kind)")
+            return self
+        if self.period is not None and kind != "cyclic":
+            raise ValueError("period is for kind cyclic only")
+        if self.encoding is not None and kind != "latlon":
+            raise ValueError("encoding is for kind latlon only")
+        if kind == "latlon":
+            if self.columns is None or len(self.columns) != 2:
+                raise ValueError(f"kind latlon needs columns: [LATITUDE, LONGITUDE] (got {self.columns})")
+        else:
+            if self.columns is not None:
+                raise ValueError(f"columns is for kind latlon only; give the {kind} column as name")
+            if not self.name:
+                raise ValueError(f"kind {kind} needs the column as name")
+            if kind == "cyclic" and self.period is None:
+                raise ValueError("kind cyclic needs a period (e.g. 12 for months, 360 for degrees)")
+        return self
+
+
+#: An entry of data.metadata.columns: a column name (kind inferred) or a mapping (MetadataColumnConfig).
+MetadataColumn = TypeAliasType("MetadataColumn", Union[str, MetadataColumnConfig])
+
+
 class MetadataConfig(_Strict):
-    columns: list[str] | Literal["auto"] = Field(
-        "auto", description="Metadata columns (meta_<name> numbers; date/time attr_<name> text), bare or full names; "
-                            "'auto': every meta_ column plus date/time attr_ columns, kinds guessed from the names "
-                            "(lat/lon -> sphere, date -> day of year, time -> time of day, else numeric).")
+    columns: list[MetadataColumn] | Literal["auto"] = Field(
+        "auto", description="Metadata fields. 'auto': every meta_ column plus the date/time-named attr_ columns, kinds "
+                            "inferred. Or a list; each entry is a column name (meta_<name> numbers; date/time "
+                            "attr_<name> text; bare or full name), its kind inferred from the name, or a mapping "
+                            "{name, kind, period, encoding, columns} that gives it: {name: month, kind: cyclic, "
+                            "period: 12}, {kind: latlon, columns: [lat, lon], encoding: sincos}. Inference: a lat + "
+                            "a lon name -> latlon; doy, day_of_year, date, eventdate -> day_of_year; time, hour, "
+                            "time_of_day, eventtime -> time_of_day; month -> cyclic, period 12; 'day' (of the year "
+                            "or of the month?) -> an error asking for the kind; else numeric. The training log prints "
+                            "the kind each field got; the bundle stores the resolved fields and predict uses them.")
+    latlon_encoding: Literal["sphere", "sincos"] = Field(
+        "sphere", description="Encoding of a lat/lon pair whose kind is inferred (or given without encoding): "
+                              "'sphere' (the point on the unit sphere) or 'sincos' (Mac Aodha et al. 2019).")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _column_entries(cls, v: Any) -> Any:
+        """Validate mapping entries one by one, so an error names the entry and its key (not pydantic's union)."""
+        if not isinstance(v, list):
+            if isinstance(v, str) and v != "auto":
+                raise ValueError(f"give 'auto' or a list of column names / {{name, kind, ...}} mappings "
+                                 f"(got {v!r}; one column: [{v}])")
+            return v
+        out = []
+        for i, entry in enumerate(v):
+            if isinstance(entry, dict):
+                try:
+                    entry = MetadataColumnConfig.model_validate(entry)
+                except ValidationError as exc:
+                    msgs = []
+                    for err in exc.errors():
+                        key = ".".join(str(p) for p in err["loc"])
+                        if err["type"] == "extra_forbidden":
+                            msg = f"unknown key; the keys are: {', '.join(MetadataColumnConfig.model_fields)}"
+                        else:
+                            msg = err["msg"].removeprefix("Value error, ")
+                            if err["type"] != "value_error" and "input" in err:
+                                msg += f" (got {err['input']!r})"
+                        msgs.append(f"{key}: {msg}" if key else msg)
+                    raise ValueError(f"entry {i}: " + "; ".join(msgs)) from None
+            elif not isinstance(entry, (str, MetadataColumnConfig)):
+                raise ValueError(f"entry {i} ({entry!r}) is neither a column name nor a {{name, kind, ...}} mapping")
+            out.append(entry)
+        return out
     fusion: Literal["concat", "gate"] = Field("concat", description="Join the metadata embedding to the image "
                                                                     "features ('concat') or gate them ('gate').")
     hidden: int = Field(64, ge=1, description="Hidden width of the metadata MLP.")

@@ -217,7 +217,8 @@ class Trainer:
         if mc is not None:
             from ..data.metadata import MetadataEncoder, MetadataMasker
 
-            enc = MetadataEncoder.auto(self.data.train if mc.columns == "auto" else list(mc.columns))
+            enc = MetadataEncoder.from_spec(mc.columns, self.data.train, latlon_encoding=mc.latlon_encoding,
+                                            log=lambda line: self.log(f"  {line}"))  # kind of each field
             enc.fit(self.data.train)
             self.meta_encoder = enc
             self.train_meta = enc.transform(self.data.train).tensors()
