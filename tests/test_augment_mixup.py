@@ -308,3 +308,38 @@ def test_errors_and_mixture_loss(fathomnet):
     got = mixture_loss(loss, o, out)["task"]
     per = out.lam * (o - out.targets_a.float()) ** 2 + (1 - out.lam) * (o - out.targets_b.float()) ** 2
     assert float(got) == pytest.approx(float(per.mean()), rel=1e-6)
+
+
+def test_warnings_say_what_the_training_loss_does(fathomnet, plankton):
+    """taxonomist train trains on mixture_loss (own and partner's targets weighted by lam); only margin heads
+    see MixedBatch.targets (the LCA). The warnings must say so, not that the target becomes the LCA."""
+    cases = [dict(taxonomy=fathomnet, group_rank="genus", task_ranks=["genus", "species"]),
+             dict(taxonomy=plankton, group_rank="level2"),
+             dict(taxonomy=fathomnet, mix_unknown=True)]
+    for kw in cases:
+        with pytest.warns(HierarchyConsistencyWarning) as rec:
+            TaxonMixup(kw.pop("taxonomy"), **kw)
+        (msg,) = [str(w.message) for w in rec]
+        assert "lam * loss(own" in msg and "(1 - lam) * loss(partner's" in msg and "mixture_loss" in msg, msg
+        assert "MixedBatch.targets" in msg and "margin heads" in msg, msg
+        assert "target becomes the pair's common ancestor" not in msg and "targets become partial" not in msg
+    # and that is what mixture_loss computes with a real loss on the real plankton tree: per-sample CE blended
+    from taxonomist.losses import create_loss
+    from taxonomist.models import create_head
+
+    with pytest.warns(HierarchyConsistencyWarning):
+        mix = TaxonMixup(plankton, group_rank="level2", seed=4)
+    head = create_head("flat", plankton, in_features=8)
+    loss = create_loss("ce", plankton, head)
+    t = torch.from_numpy(np.random.default_rng(4).choice(plankton.label_ids, 48))
+    out = mix(torch.randn(48, 8), t)
+    assert (out.targets_b != out.targets_a).any() and out.mode == "mixup"
+    with torch.no_grad():
+        outputs = head(out.inputs)
+        got = mixture_loss(loss, outputs, out)
+        own, partner = loss(outputs, out.targets_a), loss(outputs, out.targets_b)
+    for k in got:
+        assert float(got[k]) == pytest.approx(out.lam * float(own[k]) + (1 - out.lam) * float(partner[k]), rel=1e-6)
+        with torch.no_grad():
+            lca_loss = float(loss(outputs, out.targets)[k])
+        assert float(got[k]) != pytest.approx(lca_loss, rel=1e-3)  # not the loss on the LCA

@@ -41,6 +41,10 @@ above the grouping rank keeps its class, and below it the sample becomes a
 soft-target mixture, ``lam * loss(out, targets_a) + (1 - lam) * loss(out, targets_b)``
 (:func:`mixture_loss`); unmixed samples have ``targets_a == targets_b``, so that
 mixture is exact for them too when the loss is a mean over samples.
+``taxonomist train`` trains on that mixture; ``targets`` (the LCA) reaches only
+heads that take targets in their forward pass (the ArcFace margin). So with a
+coarser grouping rank the loss below it is a soft target over the pair's two
+classes, which is what the :class:`HierarchyConsistencyWarning` says.
 
 Whether a batch is mixed at all is drawn with probability ``prob`` (a constant
 or a :class:`~taxonomist.data.augment.ProbabilitySchedule`, e.g. cosine 0.8 ->
@@ -218,8 +222,11 @@ class TaxonMixup:
                           "to keep targets consistent.", HierarchyConsistencyWarning, stacklevel=3)
         if self.mix_unknown:
             warnings.warn("mixup: mix_unknown=True mixes samples that have no taxon at the grouping rank (unknown "
-                          "or partial labels) among themselves; their targets become partial (the pair's common "
-                          "ancestor) or unknown (-1). Leave mix_unknown=False to keep them unmixed.",
+                          "or partial labels) among themselves; the mixed input then gets the blend "
+                          "lam * loss(own label) + (1 - lam) * loss(partner's label) (mixture_loss), where an "
+                          "unknown label adds nothing, so a sample is trained toward a partner's class it may not "
+                          "belong to (MixedBatch.targets, given to margin heads, is the pair's common ancestor or "
+                          "-1). Leave mix_unknown=False to keep them unmixed.",
                           HierarchyConsistencyWarning, stacklevel=3)
         for rank, look in zip(self.group_ranks, self._lookup):
             if rank is None:
@@ -231,19 +238,23 @@ class TaxonMixup:
                 finer = [r for r, p in zip(task_ranks, lowest) if p is not None and p[0] == pos[0] and p[1] > pos[1]]
                 if finer:
                     warnings.warn(f"mixup: grouping rank {rank!r} is higher than the lowest task rank "
-                                  f"{finer[-1]!r}; mixed pairs may differ at {finer}, where their target becomes "
-                                  f"the pair's common ancestor (a partial label). Group by {finer[-1]!r} (or None) "
-                                  "to keep every task's target a single class.", HierarchyConsistencyWarning,
-                                  stacklevel=3)
+                                  f"{finer[-1]!r}; mixed pairs may differ at {finer}, and there the loss is "
+                                  f"the blend lam * loss(own class) + (1 - lam) * loss(partner's class) "
+                                  "(mixture_loss): a soft target over two classes, not one class (only margin "
+                                  "heads get MixedBatch.targets, the pair's common ancestor). Group by "
+                                  f"{finer[-1]!r} (or None) to keep every task's target a single class.",
+                                  HierarchyConsistencyWarning, stacklevel=3)
             else:
                 labels = tax.label_ids
                 below = labels[(look[labels] >= 0) & (look[labels] != labels)]
                 if len(below):
                     warnings.warn(f"mixup: grouping rank {rank!r} is higher than the lowest label rank: "
                                   f"{len(below)} label node(s) (e.g. {tax.names[below[0]]!r}) lie below it, so mixed "
-                                  "pairs may have different labels; their target becomes the pair's common "
-                                  "ancestor (a partial label). Use group_rank=None to mix only same-label pairs.",
-                                  HierarchyConsistencyWarning, stacklevel=3)
+                                  "pairs may have different labels; the loss is then the blend "
+                                  "lam * loss(own label) + (1 - lam) * loss(partner's label) (mixture_loss), a "
+                                  "soft target over two labels below the grouping rank, not one class (only margin "
+                                  "heads get MixedBatch.targets, the pair's common ancestor). Use group_rank=None "
+                                  "to mix only same-label pairs.", HierarchyConsistencyWarning, stacklevel=3)
 
     def group_ids(self, targets: np.ndarray | torch.Tensor, rank_index: int = 0) -> np.ndarray:
         """Group node of each target at ``group_ranks[rank_index]``; -1 where the sample is not mixable."""
