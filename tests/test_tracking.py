@@ -1,7 +1,9 @@
 """Experiment tracking: the tracker registry and errors, metrics.csv + TensorBoard through
 MetricLogger (read back with TensorBoard's EventAccumulator), MLflow against a real file
 store (read back with MlflowClient) and W&B in offline mode (read back from its run files).
-Each scenario runs 3 epochs with a resume after epoch 2, the way the training loop does."""
+Each scenario runs 3 epochs with a resume after epoch 2, the way the training loop does. Last, a tiny
+real training run configured with ``train.tracking: [tensorboard, mlflow, wandb]`` checks what each
+tracker received from the loop itself."""
 
 from __future__ import annotations
 
@@ -435,3 +437,95 @@ def test_wandb_rejects_a_bad_mode():
     pytest.importorskip("wandb")
     with pytest.raises(ConfigError, match="wandb.mode must be online, offline, disabled or shared"):
         create_trackers(["wandb"], {"wandb": {"mode": "offlne"}})
+
+
+# ------------------------------------------------------------------ through the training config
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory, demo) -> Path:
+    """Real demo plankton images: 4 classes, 3 train and 1 val image each."""
+    import pandas as pd
+
+    out = tmp_path_factory.mktemp("tiny")
+    classes = sorted(p.name for p in (demo / "train").iterdir() if p.is_dir())[:4]
+    for split, n in (("train", 3), ("val", 1)):
+        rows = [{"path": str(img), "label": c} for c in classes for img in sorted((demo / split / c).glob("*.jpg"))[:n]]
+        pd.DataFrame(rows).to_csv(out / f"{split}.csv", index=False)
+    return out
+
+
+def test_train_tracking_config_feeds_tensorboard_mlflow_and_wandb(tmp_path, tiny_set, demo, monkeypatch):
+    """`train.tracking: [tensorboard, mlflow, wandb]` on a tiny real run (frozen features, 2 epochs): each
+    tracker has the resolved config, the taxonomy fingerprint and the metrics.csv values of every epoch."""
+    pytest.importorskip("mlflow")
+    wandb = pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+    import yaml
+
+    from taxonomist.train.config import load_config
+    from taxonomist.train.loop import train
+    from test_train_e2e import write_small_config
+
+    for var, sub in (("WANDB_DIR", "wbdir"), ("WANDB_CONFIG_DIR", "wbconfig"), ("WANDB_CACHE_DIR", "wbcache"),
+                     ("WANDB_DATA_DIR", "wbdata")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_PROJECT", "WANDB_ENTITY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    options = {"mlflow": {"experiment": "tiny-plankton"},
+               "wandb": {"project": "taxo-train", "dir": str(tmp_path / "wb"), "settings": {"console": "off"}}}
+    path = write_small_config(tmp_path, tiny_set, demo, tmp_path / "cache", "tracked", epochs=2, batch_size=4,
+                              tracking=["tensorboard", "mlflow", "wandb"], tracking_options=options)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            res = train(load_config(path), log=lambda _m: None)
+    finally:
+        wandb.teardown()
+    run = res.run_dir
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    epoch_values = {k: [float(r[k]) for r in rows] for k in ("train/loss", "val/top1_error", "lr")}  # 6 digits
+    fingerprint = json.loads((run / "bundle" / "bundle.json").read_text())["taxonomy_fingerprint"]
+    from taxonomist.taxonomy import load
+
+    assert fingerprint == load(run / "taxonomy.json").fingerprint  # the run's (restricted) tree
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["tracking"] == ["tensorboard", "mlflow", "wandb"]
+
+    # TensorBoard: the config and fingerprint as text, every epoch's scalars at step = epoch
+    sc = _scalars(run / "tensorboard")
+    for key, values in epoch_values.items():
+        assert [s for s, _ in sc[key]] == [1, 2]
+        assert [v for _, v in sc[key]] == pytest.approx(values, rel=1e-5), key  # metrics.csv keeps 6 digits
+    texts = _texts(run / "tensorboard")
+    assert texts["taxonomy"] == [fingerprint]
+    assert yaml.safe_load(texts["config"][0].strip("`\n")) == resolved
+
+    # MLflow: the default store next to the run folders, params = the flattened config, the fingerprint tag
+    uri = "sqlite:///" + str(tmp_path / "runs" / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("tiny-plankton").experiment_id])
+    assert r.info.run_id == load_tracking_ids(run)["mlflow"]["run_id"] and r.info.status == "FINISHED"
+    assert r.data.tags["taxonomy_fingerprint"] == fingerprint
+    p = r.data.params
+    assert p["train.epochs"] == "2" and p["train.batch_size"] == "4" and p["name"] == "tracked"
+    assert p["data.train"] == resolved["data"]["train"] and p["train.tracking"] == '["tensorboard", "mlflow", "wandb"]'
+    assert len(p) == len(flatten_config(resolved))
+    exact = {}  # full precision, to compare with W&B
+    for key, values in epoch_values.items():
+        hist = client.get_metric_history(r.info.run_id, key)
+        assert [m.step for m in hist] == [1, 2] and [m.value for m in hist] == pytest.approx(values, rel=1e-5), key
+        exact[key] = [m.value for m in hist]
+        assert [v for _, v in sc[key]] == pytest.approx(exact[key], rel=1e-7)  # TensorBoard: the same in float32
+
+    # W&B (offline, its files under the dir option): the config with the fingerprint, one history row per epoch
+    (offline,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    wb = _wandb_offline_run(offline)
+    assert wb["id"] == load_tracking_ids(run)["wandb"]["id"] and wb["project"] == "taxo-train"
+    assert wb["name"] == "tracked" and wb["exit_code"] == 0
+    assert wb["config"]["taxonomy_fingerprint"] == fingerprint
+    assert {k: v for k, v in wb["config"].items() if k not in ("taxonomy_fingerprint", "_wandb")} == resolved
+    assert [h["_step"] for h in wb["history"]] == [1, 2]
+    for key, values in exact.items():
+        assert [h[key] for h in wb["history"]] == values, key  # the same float64 numbers as MLflow got
