@@ -404,6 +404,30 @@ def test_lca_and_distances_match_reference(trees, name):
     assert int(tax.lca(int(a[0]), int(b[0]))) == ref.lca(int(a[0]), int(b[0]))
 
 
+@pytest.mark.parametrize("name", ["plankton", "fathomnet"])
+def test_lca_and_distance_reject_invalid_ids(trees, name):
+    """-1 used to wrap to the last node and floats were truncated: both are errors now, for either argument."""
+    tax = trees[name]
+    ref = Ref(tax)
+    last = tax.n_nodes - 1
+    good = np.array([1, 2, last])
+    for fn in (tax.lca, lambda x, y: tax.distance(x, y), lambda x, y: tax.distance(x, y, metric="lca_height")):
+        with pytest.raises(TaxonomyError, match=rf"1 id\(s\) outside 0\.\.{last}, e\.g\. -1 at position \[1\]; "
+                                                r"-1 \(an unknown sample\) is not a node"):
+            fn(good, np.array([3, -1, 4]))
+        with pytest.raises(TaxonomyError, match=rf"outside 0\.\.{last}, e\.g\. {last + 1}$"):
+            fn(last + 1, 0)
+        with pytest.raises(TaxonomyError, match=r"must be integer node ids, got dtype float64 \(e\.g\. 2\.7\)"):
+            fn(np.array([2.7, 1.0]), good[:2])
+        with pytest.raises(TaxonomyError, match=r"got dtype bool"):
+            fn(np.array([True, False]), good[:2])
+    # valid ids (the last node included) still give the reference values
+    assert tax.lca(good, last).tolist() == [ref.lca(int(x), last) for x in good]
+    assert tax.distance([1, 2], [last, last]).tolist() == [ref.distance(1, last, "path"),
+                                                           ref.distance(2, last, "path")]
+    assert tax.lca([], []).shape == (0,) and tax.distance(np.zeros(0, dtype=np.int32), 0).shape == (0,)
+
+
 def test_rank_steps_fathomnet_worked_examples(trees):
     tax = trees["fathomnet"]
     a = tax.find("Asteronyx", rank="genus")

@@ -347,16 +347,32 @@ class Taxonomy:
         return self.replace(is_label=mask)
 
     def _check_ids(self, nodes: Iterable[int] | np.ndarray | int, what: str = "nodes") -> np.ndarray:
-        arr = np.asarray(nodes if isinstance(nodes, np.ndarray) or np.isscalar(nodes) else list(nodes))
+        """``nodes`` as an int64 array (any shape), or a TaxonomyError for non-integer or out-of-range ids.
+
+        Cheap on the hot paths (LCA, distances): one ``min`` and one ``max`` pass; the
+        offending values are located only when there is one. ``-1`` is not an id here
+        (it would silently index the last node): callers with unknown samples mask them first.
+        """
+        if isinstance(nodes, np.ndarray) or np.isscalar(nodes) or hasattr(nodes, "__array__"):
+            arr = np.asarray(nodes)
+        else:
+            arr = np.asarray(list(nodes))
         if arr.size == 0:
             return arr.astype(np.int64)
         if arr.dtype.kind not in "iu":
-            raise TaxonomyError(f"{what} must be integer node ids, got dtype {arr.dtype}")
+            first = arr.ravel()[0]
+            first = first.item() if hasattr(first, "item") else first
+            raise TaxonomyError(f"{what} must be integer node ids, got dtype {arr.dtype} (e.g. {first!r}); convert "
+                                "them with .astype(int) only if they are whole numbers, or look names up with "
+                                "find() / find_many()")
         arr = arr.astype(np.int64, copy=False)
-        bad = (arr < 0) | (arr >= self.n_nodes)
-        if bad.any():
-            raise TaxonomyError(f"{what}: {int(bad.sum())} id(s) outside 0..{self.n_nodes - 1}, "
-                                f"e.g. {int(arr[bad].ravel()[0])}")
+        if int(arr.min()) < 0 or int(arr.max()) >= self.n_nodes:
+            bad = (arr < 0) | (arr >= self.n_nodes)
+            first = np.argwhere(bad)[0].tolist() if arr.ndim else []
+            raise TaxonomyError(f"{what}: {int(bad.sum())} id(s) outside 0..{self.n_nodes - 1}, e.g. "
+                                f"{int(arr[bad].ravel()[0])}" + (f" at position {first}" if arr.ndim else "")
+                                + ("; -1 (an unknown sample) is not a node: mask such entries before the call"
+                                   if int(arr.min()) < 0 else ""))
         return arr
 
     @cached_property
@@ -573,8 +589,14 @@ class Taxonomy:
 
         Lift the deeper node to the other's depth, then for k = K-1..0 jump both
         by ``2**k`` wherever their ancestors differ (Bender & Farach-Colton 2000).
+        Ids must be integers in ``0..n_nodes-1`` (a TaxonomyError otherwise: ``-1`` would
+        wrap to the last node and floats would truncate).
         """
-        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        return self._lca(self._check_ids(a, "lca: a"), self._check_ids(b, "lca: b"))
+
+    def _lca(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """:meth:`lca` of int64 arrays already checked by :meth:`_check_ids`."""
+        a, b = np.broadcast_arrays(a, b)
         shape = a.shape
         a = a.ravel()
         b = b.ravel()
@@ -724,11 +746,13 @@ class Taxonomy:
         * ``rank_steps``: path distance counting only nodes whose rank is in ``ranks``
           (FathomNet FGVC 2025 score; default: every rank of the tree): nodes on the
           a side below the LCA plus those on the b side.
+
+        Ids are checked like :meth:`lca`'s (integers in ``0..n_nodes-1``).
         """
         self._check_metric(metric)
-        a = np.asarray(a, dtype=np.int64)
-        b = np.asarray(b, dtype=np.int64)
-        lca = self.lca(a, b)
+        a = self._check_ids(a, "distance: a")
+        b = self._check_ids(b, "distance: b")
+        lca = self._lca(a, b)
         a, b = np.broadcast_arrays(a, b)
         if metric == "path":
             return self.depth[a] + self.depth[b] - 2 * self.depth[lca]
@@ -779,7 +803,7 @@ class Taxonomy:
         has_repeats = len(np.unique(s)) < k
         big = np.iinfo(np.int32).max
         own = key[s].astype(np.int32)                                   # the LCA of (s_i, s_i) is s_i
-        link = key[self.lca(s[:-1], s[1:])].astype(np.int32)            # adjacent pairs' LCAs
+        link = key[self._lca(s[:-1], s[1:])].astype(np.int32)            # adjacent pairs' LCAs
         link_before = np.r_[np.int32(big), link]                        # link_before[j] = link[j - 1]
         rows_per = max(1, min(k, chunk_elems // k))
         cols = np.arange(k)
