@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core import Taxonomy
+from ..core import Taxonomy, _pointer_jump_depth
 from ..errors import TaxonomyError
 from .ranks import infer_rank_order, rank_violations
 from .report import LoadReport
@@ -132,6 +132,42 @@ def line_where(path: PathLike, lines: np.ndarray, detail: Callable[[int], str] |
     return where
 
 
+def as_names(value: Iterable[str] | str | None) -> list[str]:
+    """A column or name list given as one string (``-O ignore_columns=notes`` on the CLI) or a sequence."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def path_keys(parent: np.ndarray, names: np.ndarray, given: np.ndarray | None = None, sep: str = " > "
+              ) -> np.ndarray:
+    """Key of every input node: its root-first path of names (``"R > X > A"``), or its entry of ``given``
+    where that is not None (children of such a node build on the given key).
+
+    ``parent`` holds input indices (-1 = top-level; several tops allowed). One vectorised string
+    concatenation per depth level, so homonyms under different parents get different keys.
+    """
+    parent = np.asarray(parent, dtype=np.int64)
+    names = np.array([str(x) for x in names], dtype=object)
+    n = len(parent)
+    keys = np.empty(n, dtype=object)
+    if n == 0:
+        return keys
+    has = None if given is None else np.array([g is not None for g in given], dtype=bool)
+    depth = _pointer_jump_depth(parent, lambda i: f"node #{i} {names[i]!r}")
+    order = np.argsort(depth, kind="stable")
+    bounds = np.searchsorted(depth[order], np.arange(int(depth.max()) + 2))
+    for d in range(len(bounds) - 1):
+        ids = order[bounds[d]:bounds[d + 1]]
+        own = names[ids] if d == 0 else keys[parent[ids]] + sep + names[ids]   # object arrays of str
+        if has is not None:
+            own = np.where(has[ids], np.asarray(given, dtype=object)[ids], own)
+        keys[ids] = own
+    return keys
+
+
 def finish(tax: Taxonomy, report: LoadReport, return_report: bool) -> Taxonomy | tuple[Taxonomy, LoadReport]:
     report.n_nodes = tax.n_nodes
     report.n_labels = tax.n_labels
@@ -222,7 +258,7 @@ def build_taxonomy(parent: np.ndarray, names: np.ndarray | Sequence[str], *, rep
 def names_to_mask(names: np.ndarray, wanted: Iterable[object], source: str,
                   where: Callable[[int], str]) -> np.ndarray:
     """Boolean mask of the nodes named in ``wanted`` (each must name exactly one node); vectorised."""
-    want = pd.unique(pd.Series([str(w) for w in wanted], dtype=object))
+    want = pd.unique(pd.Series(as_names(wanted), dtype=object))  # one string is one name, not its letters
     names_s = pd.Series(np.asarray(names, dtype=object)).astype(str)
     counts = names_s.value_counts().reindex(want).fillna(0).astype(int).to_numpy()
     missing = want[counts == 0]

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..core import Taxonomy
 from ..errors import TaxonomyError
-from ._common import (PathLike, build_taxonomy, finish, head_lines, line_where, names_to_mask, read_table,
+from ._common import (PathLike, as_names, build_taxonomy, finish, head_lines, line_where, names_to_mask, read_table,
                       sniff_delimiter, suffix, write_text)
 from .ranks import INAT_RANK_LEVELS, canonical_sort, normalize_rank
 from .report import LoadReport
@@ -72,7 +72,7 @@ def identify_columns(header: Sequence[str], columns: Mapping[str, str] | None = 
                 roles[role] = normed[alias]
                 break
     is_dwc = any(m in normed for m in DWC_MARKERS[:2])
-    ignored = set(ignore_columns)
+    ignored = set(as_names(ignore_columns))
     unknown = [c for c in header if c not in roles.values() and c not in ignored]
     return roles, unknown, is_dwc
 

@@ -3,10 +3,12 @@
 Rules (see docs/taxonomy.md for examples):
 
 * Columns are ranks. Known Linnaean rank names are put in canonical order
-  whatever the file order; other rank columns are ordered root-first by the
-  number of distinct values (fewest first; a higher level has fewer taxa),
-  ties in file order (reversed for leaf-first files). ``rank_columns=`` forces
-  an order.
+  whatever the file order. A table with no known rank name (CIFAR's levels)
+  is ordered root-first by the number of distinct values (fewest first; a
+  higher level has fewer taxa), ties in file order (reversed for leaf-first
+  files). A table with known rank names *and* other columns is an error
+  naming the other columns: pass ``ignore_columns=`` (not ranks) or
+  ``rank_columns=`` (every rank, root first; known ranks keep their order).
 * ``X_id`` + ``X_name`` columns form one rank ``X`` (identity by id, display by
   name); an ``X_id`` column alone gives nodes named ``X_<id>``.
 * An optional label column (``name``, ``label``, ``taxon``, ``scientificName``,
@@ -35,8 +37,8 @@ import pandas as pd
 
 from ..core import Taxonomy
 from ..errors import TaxonomyError
-from ._common import (PathLike, build_taxonomy, finish, head_lines, names_to_mask, read_table, sniff_delimiter,
-                      suffix, write_text)
+from ._common import (PathLike, as_names, build_taxonomy, finish, head_lines, names_to_mask, read_table,
+                      sniff_delimiter, suffix, write_text)
 from .ranks import _CANONICAL_INDEX, normalize_rank
 from .report import LoadReport
 
@@ -118,16 +120,63 @@ def _plan_columns(header: list[str], label_column: str | None, ignore: set[str]
     return label_column, ranks
 
 
+def _resolve_rank_columns(ranks: list[_RankColumn], rank_columns: Sequence[str] | str) -> list[str]:
+    """``rank_columns`` entries as rank names: a rank name (``kingdom``, ``fine`` for ``fine_id``/``fine_name``)
+    or a column name (``Kingdom``, ``fine_name``) of that rank."""
+    of_column = {c: r.rank for r in ranks for c in r.columns}
+    names = {r.rank for r in ranks}
+    return [e if e in names else of_column.get(e, e) for e in as_names(rank_columns)]
+
+
+def _check_rank_columns(ranks: list[_RankColumn], rank_columns: Sequence[str] | None, file: str) -> None:
+    """Refuse column sets whose rank order would be guesswork (before the table is read).
+
+    * Without ``rank_columns``: a table whose columns include known rank names *and* other
+      columns (``name,kingdom,genus,family,notes``) is an error naming the other columns, since
+      they would become ranks ordered by value counts. Tables with no known rank name at all
+      (CIFAR's ``level1..3``) are ordered by value counts as before.
+    * With ``rank_columns``: it must list every rank column once, and known ranks in it must
+      keep the canonical order (``genus`` never above ``family``).
+    """
+    by_name = {r.rank: r for r in ranks}
+    known = [r for r in ranks if r.rank in _CANONICAL_INDEX]
+    other = [r for r in ranks if r.rank not in _CANONICAL_INDEX]
+    if rank_columns is None:
+        if known and other:
+            cols = [c for r in other for c in r.columns]
+            ranks_shown = ", ".join(r.rank for r in sorted(known, key=lambda r: _CANONICAL_INDEX[r.rank]))
+            raise TaxonomyError(
+                f"{file} line 1: the column(s) {cols} are not rank names, but the table also has rank columns "
+                f"({ranks_shown}). Every column of a lineage table other than the label is a rank, and an unknown "
+                "rank could only be placed by guesswork. If they are not ranks, pass ignore_columns="
+                f"{cols!r} (CLI: -O ignore_columns={','.join(cols)}); if they are, pass rank_columns=[...] listing "
+                "every rank root first (CLI: -O rank_columns=a,b,c).")
+        return
+    rank_columns = _resolve_rank_columns(ranks, rank_columns)
+    missing = [r for r in rank_columns if r not in by_name]
+    extra = [r.rank for r in ranks if r.rank not in rank_columns]
+    extra_cols = [c for r in ranks if r.rank not in rank_columns for c in r.columns]
+    dup = sorted({r for r in rank_columns if rank_columns.count(r) > 1})
+    if missing or extra or dup:
+        parts = ([f"{missing} are not rank columns of the file"] if missing else []) + \
+            ([f"it leaves out {extra} (pass ignore_columns={extra_cols!r} if they are not ranks)"] if extra else []) + \
+            ([f"it repeats {dup}"] if dup else [])
+        raise TaxonomyError(f"{file}: rank_columns {rank_columns} must list every rank column exactly once, root "
+                            f"first: " + "; ".join(parts) + f" (rank columns in the file: {list(by_name)})")
+    listed = [r for r in rank_columns if r in _CANONICAL_INDEX]
+    canon = sorted(listed, key=_CANONICAL_INDEX.__getitem__)
+    if listed != canon:
+        i = next(k for k in range(len(listed)) if listed[k] != canon[k])
+        raise TaxonomyError(f"{file}: rank_columns {rank_columns} puts {listed[i]!r} above {canon[i]!r}; known ranks "
+                            f"keep the standard order (here: {', '.join(canon)}). Reorder rank_columns.")
+
+
 def _order_ranks(ranks: list[_RankColumn], idents: dict[str, pd.Series], rank_columns: Sequence[str] | None
                  ) -> list[_RankColumn]:
+    """Root-first rank columns (after :func:`_check_rank_columns`): as given, canonical, or by value counts."""
     by_name = {r.rank: r for r in ranks}
     if rank_columns is not None:
-        missing = [r for r in rank_columns if r not in by_name]
-        extra = [r.rank for r in ranks if r.rank not in rank_columns]
-        if missing or extra:
-            raise TaxonomyError(f"rank_columns {list(rank_columns)} must list every rank column exactly once "
-                                f"(ranks in the file: {list(by_name)})")
-        return [by_name[r] for r in rank_columns]
+        return [by_name[r] for r in _resolve_rank_columns(ranks, rank_columns)]
     if all(r.rank in _CANONICAL_INDEX for r in ranks):
         return sorted(ranks, key=lambda r: _CANONICAL_INDEX[r.rank])
     card = [int(idents[r.rank].replace("", np.nan).nunique()) for r in ranks]
@@ -146,8 +195,11 @@ def read_lineage_table(path: PathLike, *, label_column: str | None = None,
     """Load a lineage table (see the module docstring for the rules).
 
     label_column: force the label column (default: detected by name).
-    rank_columns: root-first rank names (after X_id/X_name pairing), to force the order.
-    ignore_columns: columns to leave out.
+    rank_columns: every rank, root first (rank names such as ``kingdom`` or ``fine`` for a
+        ``fine_id``/``fine_name`` pair, or column names), to declare columns with unknown rank
+        names as ranks and force their order. Known ranks must keep the canonical order.
+    ignore_columns: columns to leave out (a table with known rank columns and other columns is
+        an error until they are ignored or declared in ``rank_columns``).
     on_conflict: ``"error"`` or ``"split"`` (homonyms with different lineages become separate nodes).
     labels: names of label nodes to use instead of the rows' labels.
     """
@@ -159,10 +211,18 @@ def read_lineage_table(path: PathLike, *, label_column: str | None = None,
         raise TaxonomyError(f"{path}: the file is empty")
     sep = sniff_delimiter(path, head[0])
     header = next(csv.reader([head[0]], delimiter=sep))
-    label_col, rank_cols = _plan_columns(header, label_column, set(ignore_columns))
+    file = Path(path).name
+    ignore = as_names(ignore_columns)
+    not_there = [c for c in ignore if c not in header]
+    if not_there:
+        raise TaxonomyError(f"{file} line 1: ignore_columns {not_there} are not columns of the file (columns: "
+                            f"{header})")
+    label_col, rank_cols = _plan_columns(header, label_column, set(ignore))
+    _check_rank_columns(rank_cols, rank_columns, file)
     df = read_table(path, sep).apply(lambda c: c.str.strip())
     report.rows_read = len(df)
-    file = Path(path).name
+    if ignore:
+        report.note(f"columns ignored (ignore_columns): {', '.join(ignore)}")
     rank_cols = _order_ranks(rank_cols, {r.rank: df[r.id_col or r.name_col] for r in rank_cols}, rank_columns)
     ranks = [r.rank for r in rank_cols]
     used_cols = [c for r in rank_cols for c in r.columns] + ([label_col] if label_col else [])

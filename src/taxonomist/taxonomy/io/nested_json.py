@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core import Taxonomy
 from ..errors import TaxonomyError
-from ._common import PathLike, build_taxonomy, finish, names_to_mask, read_text, write_text
+from ._common import PathLike, build_taxonomy, finish, names_to_mask, path_keys, read_text, write_text
 from ._paths_common import preorder
 from .ranks import normalize_rank
 from .report import LoadReport
@@ -114,10 +114,7 @@ def read_nested_json(path: PathLike, *, labels: Iterable[str] | None = None, dat
     n = len(names)
     par = np.array(parent, dtype=np.int64)
     # keys: given ones, else the name path (unique among siblings)
-    key_arr = np.empty(n, dtype=object)
-    for i in range(n):
-        key_arr[i] = keys[i] if keys[i] is not None else (
-            names[i] if par[i] < 0 else f"{key_arr[par[i]]} > {names[i]}")
+    key_arr = path_keys(par, np.array(names, dtype=object), np.array(keys, dtype=object))
     label_mask: np.ndarray | str = "leaves"
     names_arr = np.array(names, dtype=object)
     if labels is not None:

@@ -16,6 +16,8 @@ Reading:
 * An unnamed root is named ``root``; other unnamed nodes are an error unless
   ``unnamed="auto"`` (named ``node<N>``).
 * Label nodes: the leaves, NHX ``label`` tags, or ``labels=`` names.
+* Keys are root-first name paths (``"R > X > A"``): a name may repeat under different
+  parents (homonyms load as separate nodes; names stay display names), not among siblings.
 
 Errors give the line and column of the offending character.
 """
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..core import Taxonomy
 from ..errors import TaxonomyError
-from ._common import PathLike, build_taxonomy, finish, names_to_mask, read_text, write_text
+from ._common import PathLike, build_taxonomy, finish, names_to_mask, path_keys, read_text, write_text
 from ._paths_common import preorder
 from .report import LoadReport
 
@@ -236,7 +239,19 @@ def read_newick(path: PathLike, *, lengths_as_ranks: bool = False, labels: Itera
         flags = [t.get("label") for t in nhx]
         label_mask = np.array([(f in ("1", "true")) if f is not None else not hc
                                for f, hc in zip(flags, has_child)], dtype=bool)
-    tax = build_taxonomy(np.array(cols["parent"], dtype=np.int64), names, report=report, where=where, ranks=ranks,
+    parent = np.array(cols["parent"], dtype=np.int64)
+    # nodes are identified by their path of names (as in nested JSON and path strings), so the same
+    # name under two parents ("((A)X,(A)Y)R;") gives two nodes; only siblings must differ
+    keys = path_keys(parent, names)
+    dup = pd.Series(keys).duplicated(keep=False).to_numpy()
+    if dup.any():
+        dup = dup & ~np.where(parent >= 0, dup[np.maximum(parent, 0)], False)  # not inside a repeated node
+        first = keys[np.flatnonzero(dup)[0]]
+        at = np.flatnonzero(keys == first)
+        raise TaxonomyError(f"{int(pd.Series(keys[dup]).nunique())} name(s) repeated among siblings, e.g. "
+                            f"{str(names[at[0]])!r} ({first!r}) at " + " and ".join(where(int(i)) for i in at[:3])
+                            + ". Sibling nodes need different names: rename or merge them.")
+    tax = build_taxonomy(parent, names, report=report, where=where, ranks=ranks, keys=keys,
                          labels=label_mask, rank_order=rank_order, check_rank_order=not lengths_as_ranks,
                          count_violations=not lengths_as_ranks)
     return finish(tax, report, return_report)

@@ -6,6 +6,10 @@ Accepted layouts (tab-separated, optional header line such as ``class<TAB>path``
 * ``class<TAB>path``: the class must equal the path's last element (else an error naming
   the line); an empty class makes the path's last node a non-label node.
 
+A class name that ends two different paths (``a<TAB>X > a`` and ``a<TAB>Y > a``) is an
+error naming both lines, unless ``on_conflict="split"`` keeps them as separate labels
+(same name, different path keys; counted in the load report).
+
 Nodes are identified by their path prefix, so NDSB's internal classes (a class whose
 path is a prefix of other paths) are internal label nodes.
 """
@@ -16,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..core import Taxonomy
 from ..errors import TaxonomyError
@@ -36,17 +41,23 @@ def _is_header(cells: list[str], sep: str) -> bool:
 
 
 def read_path_strings(path: PathLike, *, sep: str = ">", labels: Iterable[str] | None = None,
+                      on_conflict: str = "error",
                       return_report: bool = False) -> Taxonomy | tuple[Taxonomy, LoadReport]:
     """Load a path-string file (see the module docstring).
 
     sep: the path separator (elements are stripped of surrounding spaces).
     labels: names of label nodes to use instead of each line's last element.
+    on_conflict: ``"error"`` (default): a class name ending two different paths is an error naming
+        both lines; ``"split"``: keep them as separate label nodes (same name, different path keys).
     """
+    if on_conflict not in ("error", "split"):
+        raise TaxonomyError(f"on_conflict must be 'error' or 'split', got {on_conflict!r}")
     report = LoadReport(path=str(path), format="paths")
     file = Path(path).name
     lines = read_text(path).splitlines()
     nodes = PathNodes()
     label_idx: list[int] = []
+    label_line: list[int] = []
     nonlabel_idx: list[int] = []
     seen_paths: set[str] = set()
     start = 0
@@ -83,13 +94,44 @@ def read_path_strings(path: PathLike, *, sep: str = ">", labels: Iterable[str] |
         seen_paths.add(key)
         idx = nodes.add_path(parts, ln + 1)
         (label_idx if cls else nonlabel_idx).append(idx)
+        if cls:
+            label_line.append(ln + 1)
     if not nodes.names:
         raise TaxonomyError(f"{path}: no paths found")
+    if labels is None:
+        _check_class_homonyms(nodes, np.array(label_idx, dtype=np.int64), np.array(label_line, dtype=np.int64),
+                              file, on_conflict, report)
     mask = np.zeros(len(nodes.names), dtype=bool)
     mask[label_idx] = True
     where = line_where(path, np.array(nodes.lines))
     tax = nodes.build(report, where, mask, labels)
     return finish(tax, report, return_report)
+
+
+def _check_class_homonyms(nodes: PathNodes, label_idx: np.ndarray, label_line: np.ndarray, file: str,
+                          on_conflict: str, report: LoadReport) -> None:
+    """A class name that ends two different paths would give two labels with one name: an error naming
+    both lines, or (``on_conflict="split"``) counted in the report."""
+    if len(label_idx) == 0:
+        return
+    names = np.asarray(nodes.names, dtype=object)
+    df = pd.DataFrame({"name": names[label_idx], "node": label_idx, "line": label_line})
+    per = df.drop_duplicates("node")
+    n_nodes = per.groupby("name", sort=False)["node"].transform("size").to_numpy()
+    clash = per[n_nodes > 1]
+    if clash.empty:
+        return
+    if on_conflict == "split":
+        report.repair("class names ending several paths kept as separate labels (on_conflict='split')",
+                      int(len(clash)))
+        return
+    name = clash["name"].iloc[0]
+    two = clash[clash["name"] == name].head(2)
+    shown = "; ".join(f"{file} line {int(ln)} ({nodes.keys[int(v)]!r})" for v, ln in zip(two["node"], two["line"]))
+    raise TaxonomyError(f"the class {name!r} ends two different paths: {shown} ({clash['name'].nunique()} class "
+                        "name(s) like this). A class name must name one node: fix the paths, or pass "
+                        "on_conflict='split' (CLI: -O on_conflict=split) to keep them as separate labels, told "
+                        "apart by their path keys.")
 
 
 def write_path_strings(tax: Taxonomy, path: PathLike, sep: str = " > ", header: bool = True) -> Path:
