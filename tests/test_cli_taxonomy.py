@@ -107,6 +107,40 @@ def test_labels_from_and_options(capsys, plankton_dir: Path, tmp_path: Path) -> 
     assert rc == 1 and "the outline reader has no option(s) ['orphans']" in err
 
 
+def test_labels_from_counts_agree(capsys, plankton_dir: Path) -> None:
+    """The outline alone has 103 labels (its leaves); --labels-from the class paths makes them 121, and the
+    load report says 121 too (it used to keep the file's 103)."""
+    outline, classes = plankton_dir / "taxonomy.txt", plankton_dir / "class_paths.tsv"
+    rc, out, _ = run(capsys, "info", outline, "--labels-from", classes, "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["summary"]["n_labels"] == data["load_report"]["n_labels"] == 121
+    assert data["load_report"]["n_nodes"] == data["summary"]["n_nodes"] == 151
+    assert f"label nodes set from {classes}: 121 node(s) (the file alone gives 103)" in data["load_report"]["notes"]
+    rc, out, _ = run(capsys, "info", outline, "--labels-from", classes)
+    assert rc == 0 and "n_labels           121" in out and "-> 151 nodes, 121 label nodes" in out
+    rc, out, _ = run(capsys, "validate", outline, "--labels-from", classes)
+    assert rc == 0 and "121 labels (18 internal)" in out.splitlines()[-1]
+    rc, out, _ = run(capsys, "info", outline, "--json")   # without the option: the file's own 103
+    data = json.loads(out)
+    assert data["summary"]["n_labels"] == data["load_report"]["n_labels"] == 103
+
+
+def test_lineage_extra_column_needs_an_option(capsys, fathom: Path, tmp_path: Path) -> None:
+    """A lineage table with rank columns and a 'notes' column: validate fails with the fix in the message
+    (it used to say OK with 'notes' as a rank); -O ignore_columns=notes loads the real tree."""
+    rows = fathom.read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "with_notes.csv"
+    bad.write_text("\n".join([rows[0] + ",notes"] + [r + ",seen" for r in rows[1:]]) + "\n", encoding="utf-8")
+    rc, out, err = run(capsys, "validate", bad)
+    assert rc == 1 and "OK" not in out and "Traceback" not in err
+    assert "with_notes.csv line 1: the column(s) ['notes'] are not rank names" in err
+    assert "-O ignore_columns=notes" in err
+    rc, out, _ = run(capsys, "validate", bad, "-O", "ignore_columns=notes")
+    assert rc == 0 and out.splitlines()[-1].startswith("OK: ")
+    rc, out, _ = run(capsys, "info", bad, "-O", "ignore_columns=notes", "--json")
+    assert json.loads(out)["summary"]["fingerprint"] == load(fathom).fingerprint
+
+
 def test_missing_nltk_is_a_clean_error(capsys, monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> None:
     monkeypatch.setitem(sys.modules, "nltk", None)
     rc, _, err = run(capsys, "info", shared_data / "tiny200_mini" / "labels.tsv")

@@ -142,8 +142,12 @@ def load_tree(args: argparse.Namespace, return_report: bool = True):
     if args.labels_from:
         names = read_label_list(args.labels_from)
         ids = np.unique(np.array([tax.find(n) for n in names], dtype=np.int64))
+        before = report.n_labels
         tax = tax.with_labels(ids)
-        report.note(f"label nodes set from {args.labels_from}: {len(ids)} node(s)")
+        report.n_labels = tax.n_labels  # the report describes the tree returned, not the file's own labels
+        report.note(f"label nodes set from {args.labels_from}: {tax.n_labels} node(s) (the file alone gives "
+                    f"{before})" + (f"; {len(names) - len(ids)} line(s) naming an already listed node merged"
+                                    if len(names) > len(ids) else ""))
     return (tax, report) if return_report else tax
 
 
