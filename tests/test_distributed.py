@@ -68,7 +68,8 @@ def test_ddp_two_processes_match_single_process(tmp_path, small_set, demo, cache
 def test_ddp_cold_cache_shared_extraction_matches_single_process(tmp_path, small_set, demo):
     """Frozen backbone, empty feature cache: both ranks extract (each its own chunks, none twice), then
     both read the whole cache; features and training equal a single process on its own cold cache."""
-    overrides = ["model.neck.dropout=0.0", "train.feature_chunk_size=48"]
+    # chunks hold at most 4 x 16 images, so train (363) and val (121) have at least 2 chunks each
+    overrides = ["model.neck.dropout=0.0", "train.feature_chunk_size=16"]
     cold_single, cold_ddp = tmp_path / "cache_single", tmp_path / "cache_ddp"
     single = write_small_config(tmp_path, small_set, demo, cold_single, "cold_single", epochs=2, batch_size=32)
     assert cli(["train", str(single), *overrides]) == 0
@@ -211,19 +212,19 @@ def test_fill_feature_cache_parts_write_disjoint_chunks(plankton_dir, tmp_path, 
     save = fc._save_atomic
     monkeypatch.setattr(fc, "_save_atomic", lambda path, arr: (written.append(path.name), save(path, arr)))
     stats = [fc.fill_feature_cache(net, "net@1", table, pre, tmp_path / "cache", part=p, n_parts=2,
-                                   batch_size=8, progress=False, chunk_size=8) for p in (0, 1)]
+                                   batch_size=8, progress=False, chunk_size=4) for p in (0, 1)]
     n_chunks = stats[0].n_chunks
-    assert n_chunks >= 4 and all(s.chunks_computed > 0 for s in stats)
+    assert n_chunks >= 4 and all(s.chunks_computed > 0 for s in stats)  # <= 16 images per chunk, 60 images
     assert sum(s.chunks_computed for s in stats) == n_chunks and sorted(set(written)) == sorted(written)
     again = CacheStats()
-    feats = extract_features(net, "net@1", table, pre, tmp_path / "cache", progress=False, chunk_size=8, stats=again)
+    feats = extract_features(net, "net@1", table, pre, tmp_path / "cache", progress=False, chunk_size=4, stats=again)
     assert again.chunks_computed == 0 and again.chunks_read == n_chunks
-    ref = extract_features(net, "net@1", table, pre, tmp_path / "ref", progress=False, chunk_size=8)
+    ref = extract_features(net, "net@1", table, pre, tmp_path / "ref", progress=False, chunk_size=4)
     np.testing.assert_allclose(feats, ref, rtol=0, atol=1e-6)
     # a second fill finds its chunks and computes nothing
     written.clear()
     assert fc.fill_feature_cache(net, "net@1", table, pre, tmp_path / "cache", part=1, n_parts=2,
-                                 progress=False, chunk_size=8).chunks_computed == 0 and not written
+                                 progress=False, chunk_size=4).chunks_computed == 0 and not written
 
 
 def test_rank_seeds_differ_by_rank_and_epoch_and_repeat():
