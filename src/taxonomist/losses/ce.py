@@ -64,7 +64,8 @@ def _check_eps(eps: float) -> float:
 class CrossEntropy(Loss):
     """Cross-entropy over the label distribution, partial labels included (module docstring).
 
-    Works with every head (it only uses ``head.label_log_probs``). Task name: ``"labels"``.
+    Works with every head (it only uses ``head.label_log_probs``, or without label smoothing the
+    head's ``target_log_likelihood`` shortcut where it has one: the same value). Task name: ``"labels"``.
     The batch loss is the mean over samples with a target (``-1`` ignored).
     """
 
@@ -103,6 +104,12 @@ class CrossEntropy(Loss):
     def forward(self, outputs: dict[str, Tensor], targets: Tensor,
                 extra_targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.check_targets(targets)
+        if self.label_smoothing == 0:
+            ll = self.head.target_log_likelihood(outputs, targets.clamp(min=0))
+            if ll is not None:   # the head's shortcut (e.g. hsoftmax's path product): same value
+                valid = targets >= 0
+                return {"labels": -torch.where(valid, ll.float(), torch.zeros_like(ll)).sum()
+                        / valid.sum().clamp(min=1)}
         nll, valid = self.per_sample(self.head.label_log_probs(outputs), targets)
         return {"labels": nll.sum() / valid.sum().clamp(min=1)}
 

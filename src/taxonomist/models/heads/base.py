@@ -92,6 +92,19 @@ class Head(nn.Module, ABC):
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """Normalised log-probabilities over label nodes, [B, n_labels], float32."""
 
+    def target_log_likelihood(self, outputs: dict[str, Tensor], targets: Tensor) -> Tensor | None:
+        """``log P(target | x)`` per sample, [B] float32, or None where the head has no shortcut.
+
+        ``targets`` are node ids >= 0 (the caller clamps ``-1``). For a label target it is
+        ``label_log_probs[:, label_index[t]]``; for a partial target (a node above the labels) the
+        log of the summed probability of the labels under it. A head whose structure gives this
+        without the full ``[B, n_labels]`` distribution (a path product, a tree recursion) returns
+        it, and ``ce`` (without label smoothing) uses it instead of :meth:`label_log_probs`; it
+        must equal the value computed from :meth:`label_log_probs` (tests check every head that
+        has one). Default: None.
+        """
+        return None
+
     def label_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         return self.label_log_probs(outputs).exp()
 
