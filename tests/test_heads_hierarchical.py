@@ -559,3 +559,56 @@ def test_ten_thousand_labels_stay_linear_in_batch_times_nodes():
         torch.testing.assert_close(sums, torch.ones(b), atol=1e-4, rtol=0)
         assert 0 < biggest[0] <= bound, f"{name}: a saved tensor of {biggest[0]} elements"
         assert elapsed < 10, f"{name}: {elapsed:.1f}s"
+
+
+# ------------------------------------------------------------------ hsoftmax's target likelihood shortcut
+def _all_targets(tax: Taxonomy) -> torch.Tensor:
+    """Every label node and every non-label node with labels below (the partial targets), shuffled."""
+    covered = tax.subtree_sum(tax.is_label.astype(np.float64)) > 0
+    nodes = np.flatnonzero(covered & (np.arange(tax.n_nodes) > 0))
+    return torch.as_tensor(np.random.default_rng(0).permutation(nodes), dtype=torch.long)
+
+
+@pytest.mark.parametrize("tree", ["plankton", "fathomnet", "cifar"])
+def test_hsoftmax_target_log_likelihood_equals_label_distribution(trees, tree):
+    """log P(t) from the path product equals log sum_{l in labels(t)} p(l) from label_log_probs, for every
+    label (internal labels: their own mass, not their subtree) and every partial target; same gradients."""
+    tax = trees[tree]
+    head = make("hsoftmax", tax, seed=3)
+    targets = _all_targets(tax)
+    x = torch.randn(len(targets), D)
+    out = head(x)
+    ll = head.target_log_likelihood(out, targets)
+    lp = head.label_log_probs(out)
+    ref = []
+    for i, t in enumerate(targets.tolist()):
+        if tax.is_label[t]:
+            ref.append(lp[i, tax.label_index[t]])
+        else:
+            under = [k for k, lab in enumerate(tax.label_ids) if tax.is_ancestor(t, np.array([lab]))[0]]
+            ref.append(torch.logsumexp(lp[i, under], dim=0))
+    ref = torch.stack(ref)
+    assert ll.shape == (len(targets),)
+    assert (tax.is_label[targets.numpy()] & ~tax.is_leaf[targets.numpy()]).any() or tree != "plankton"
+    torch.testing.assert_close(ll, ref, atol=2e-5, rtol=1e-5)
+    w = torch.randn(len(targets))
+    g_fast = torch.autograd.grad((ll * w).sum(), head.linear.weight, retain_graph=True)[0]
+    g_ref = torch.autograd.grad((ref * w).sum(), head.linear.weight)[0]
+    torch.testing.assert_close(g_fast, g_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_hsoftmax_ce_shortcut_same_loss_and_node_major_outputs(plankton):
+    """ce without smoothing takes the shortcut: same value as the label-distribution path; the head's
+    logits are the linear layer's, returned as a [B, n_branches] view of a node-major tensor."""
+    head = make("hsoftmax", plankton, seed=1)
+    x = torch.randn(32, D)
+    out = head(x)
+    assert out["branches"].shape == (32, head.n_branches)
+    torch.testing.assert_close(out["branches"], head.linear(x))
+    targets = _all_targets(plankton)[:32].clone()
+    targets[5] = -1
+    ce = create_loss("ce", plankton, head)
+    fast = ce(out, targets)["labels"]
+    nll, valid = ce.per_sample(head.label_log_probs(out), targets)
+    torch.testing.assert_close(fast, nll.sum() / valid.sum())
+    assert int(valid.sum()) == 31

@@ -67,6 +67,20 @@ def branch_structure(taxonomy: Taxonomy) -> dict[str, np.ndarray]:
             "free_stop": free_stop, "base": base}
 
 
+def _target_branch_table(taxonomy: Taxonomy, node_branch: np.ndarray, s: dict[str, np.ndarray],
+                         free_stop: np.ndarray, n_branches: int) -> np.ndarray:
+    """``[n_nodes, max_depth + 1]`` branch positions per node: the branches on its root path (depth
+    1..d) and, for a label node with a free stop branch, that stop in the last column; ``n_branches``
+    elsewhere (the padding branch). A node without a branch of its own on the path adds nothing."""
+    n, depth = taxonomy.n_nodes, taxonomy.max_depth
+    anc = taxonomy.ancestor_matrix(np.arange(n))                       # [n_nodes, depth + 1], -1 below
+    table = np.where(anc >= 0, node_branch[np.maximum(anc, 0)], -1)[:, 1:]
+    stop_col = np.full(n, -1, dtype=np.int64)
+    stop_col[s["stops"]] = free_stop
+    table = np.concatenate([table, stop_col[:, None]], axis=1)
+    return np.where(table >= 0, table, n_branches).astype(np.int64)
+
+
 @register_head("hsoftmax")
 class HierarchicalSoftmaxHead(Head):
     """Path-product hierarchical softmax over the tree (module docstring).
@@ -116,6 +130,14 @@ class HierarchicalSoftmaxHead(Head):
         # branch logits) - (sum of the path's group logsumexps): two sparse products, the second
         # over the [B, n_groups] logsumexps, with no [B, n_branches] log-softmax in between
         self.group_sum = ColumnSums(out_all[has], group_code[in_all[has]], taxonomy.n_labels, self.n_groups)
+        # per target node, the branches whose conditionals multiply to its likelihood: the root path's
+        # branches, plus the stop branch for a label node with one (a label target means "this node,
+        # not further resolved"; a partial target the whole subtree). Padded with n_branches, which
+        # points at a zero logit and an empty group (log 1 = 0)
+        table = _target_branch_table(taxonomy, node_branch, s, free_stop, self.n_branches)
+        self.register_buffer("target_branches", torch.from_numpy(table), persistent=False)
+        self.register_buffer("target_groups", torch.from_numpy(np.r_[group_code, self.n_groups][table]),
+                             persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(self.in_features, self.n_branches, bias=bias)
 
@@ -124,11 +146,23 @@ class HierarchicalSoftmaxHead(Head):
         return ("branches",)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        return {"branches": self.linear(self.dropout(features))}
+        # computed node-major ([n_branches, B], ``W @ x.T``) and returned as its [B, n_branches] view: the
+        # sibling reductions then move contiguous batch rows (tree_tensors.segment_logsumexp, "Layout")
+        x = self.dropout(features)
+        w, bias = self.linear.weight, self.linear.bias
+        zt = w @ x.t() if bias is None else torch.addmm(bias.unsqueeze(1), w, x.t())
+        return {"branches": zt.t()}
+
+    def _node_major(self, outputs: dict[str, Tensor]) -> Tensor:
+        """The branch logits as float32 ``[n_branches, B]`` (free for this head's own outputs)."""
+        return outputs["branches"].float().t().contiguous()
+
+    def _group_lse(self, zt: Tensor) -> Tensor:
+        return segment_logsumexp(zt, self.group_code, self.n_groups, dim=0)        # [n_groups, B]
 
     def _branch_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        z = outputs["branches"].float()
-        return segment_log_softmax(z, self.group_code, self.n_groups)
+        zt = self._node_major(outputs)
+        return segment_log_softmax(zt, self.group_code, self.n_groups, dim=0).t()
 
     def conditional_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """``log p(v | parent(v))`` per node, [B, n_nodes] float32; 0 at the root, -inf for nodes
@@ -155,8 +189,22 @@ class HierarchicalSoftmaxHead(Head):
         return self.levels_op.path_sum(node_cond), self.stop_log_probs(outputs, cond)
 
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        z = outputs["branches"].float()
-        return self.label_sum(z) - self.group_sum(segment_logsumexp(z, self.group_code, self.n_groups))
+        zt = self._node_major(outputs)
+        return self.label_sum(zt.t()) - self.group_sum(self._group_lse(zt).t())
+
+    def target_log_likelihood(self, outputs: dict[str, Tensor], targets: Tensor) -> Tensor:
+        """``log P(target | x)`` as a path product over the target's own branches, [B] float32.
+
+        ``sum_b z_b - sum_b logsumexp_{group(b)}(z)`` over the branches of the target's root path
+        (and its stop branch for a label target): the same number as :meth:`label_log_probs` gives
+        (a partial target: the log of its subtree's label mass), with O(B x depth) gathers after the
+        group log-sum-exps instead of the [B, n_labels] distribution.
+        """
+        zt = self._node_major(outputs)
+        pad = zt.new_zeros(1, zt.shape[1])
+        own = torch.cat([zt, pad]).gather(0, self.target_branches[targets].t())          # [depth + 1, B]
+        norm = torch.cat([self._group_lse(zt), pad]).gather(0, self.target_groups[targets].t())
+        return (own - norm).sum(dim=0)
 
     def node_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """The path products: each node's subtree mass (exactly the marginal of the label distribution)."""
