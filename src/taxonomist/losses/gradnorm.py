@@ -34,6 +34,18 @@ Practicalities:
   of one optimiser step use the same weights.
 * Weights, ``L_i(0)``, the optimiser moments and the step counters are buffers: they are in
   ``state_dict()`` and move with ``.to(device)``.
+* **Heads that refine their task logits** (``refined``, ``conditional``: level ``j+1``'s logits are
+  ``Z_{j+1} + log(P_j . H + eps)`` with ``P_j`` from level ``j``): the gradient of level ``j+1``'s
+  refined loss at ``W`` also flows through every level above it, so the ``G_i`` are not the
+  per-task gradients the method balances, and a child level's gradient is carried by (and
+  shrinks with) its parents' confidence. With ``measure="unrefined"`` (the default) the training
+  loop evaluates the same loss on the head's plain per-level logits ``Z_j`` (``head.refine =
+  False``, same embedding, no second pass through the model) and passes those losses as
+  ``grad_losses``: the ``G_i`` are measured on them, one linear classifier per task (the design
+  documents' setting). The rates ``r_i`` and ``L_i(0)`` stay those of the training losses, the
+  ones the weights multiply: a plain level classifier need not learn as fast as the refined one it
+  feeds (the prior does part of its work), so its loss would misreport the task's training rate.
+  ``measure="outputs"`` measures on the training losses. Heads without plain logits ignore it.
 """
 
 from __future__ import annotations
@@ -56,17 +68,24 @@ class GradNorm(TaskWeighting):
     ``optimizer`` (``adam`` / ``sgd``), ``warmup_steps`` (0), ``update_every`` (micro-steps
     between updates, 1), ``accumulation_steps`` (gradient accumulation of the run, 1),
     ``min_weight`` (floor before renormalising, 1e-3), ``initial_weights`` (``{task: w}``, default
-    1 each; renormalised to sum to T).
+    1 each; renormalised to sum to T), ``measure`` (``unrefined``: on heads with plain per-level
+    logits the gradient norms are measured on the losses of those, see the module docstring;
+    ``outputs``: on the training losses).
     """
 
     needs_shared_parameters = True
+    MEASURES = ("unrefined", "outputs")
 
     def __init__(self, tasks: Sequence[str] | None = None, alpha: float = 1.5, lr: float = 0.025,
                  optimizer: str = "adam", warmup_steps: int = 0, update_every: int = 1,
                  accumulation_steps: int = 1, min_weight: float = 1e-3,
-                 initial_weights: dict[str, float] | None = None) -> None:
+                 initial_weights: dict[str, float] | None = None, measure: str = "unrefined") -> None:
         super().__init__()
         self.tasks = check_tasks(tasks, "gradnorm weighting")
+        if measure not in self.MEASURES:
+            raise ConfigError(f"gradnorm measure={measure!r} must be one of {', '.join(self.MEASURES)} "
+                              "(unrefined: gradient norms of refined heads on their plain per-level logits)")
+        self.measure = measure
         if not float(alpha) >= 0.0:
             raise ConfigError(f"gradnorm alpha={alpha} must be >= 0")
         if not float(lr) > 0.0:
@@ -133,12 +152,19 @@ class GradNorm(TaskWeighting):
         return step >= self.warmup_steps and step % self.update_every == 0
 
     def update(self, losses: dict[str, Tensor], shared_parameters: Iterable[nn.Parameter] | None = None,
-               step: int = 0) -> None:
+               step: int = 0, grad_losses: dict[str, Tensor] | None = None) -> None:
+        """One GradNorm step (module docstring). ``losses``: the training losses (presence, ``L_i(0)``
+        and the rates); ``grad_losses``: the losses whose gradients at ``shared_parameters`` give the
+        ``G_i`` (the same tasks; default ``losses``), e.g. a refined head's plain-logit losses."""
         check_loss_keys(self.tasks, losses, "gradnorm weighting")
+        if grad_losses is None:
+            grad_losses = losses
+        else:
+            check_loss_keys(self.tasks, grad_losses, "gradnorm weighting (grad_losses)")
         values = torch.stack([losses[t].detach().double().reshape(()) for t in self.tasks]).to(self.w.device)
         present = torch.isfinite(values) & (values > 0)
         present &= torch.tensor([losses[t].requires_grad for t in self.tasks], device=self.w.device)
-        local = present
+        local = present & torch.tensor([grad_losses[t].requires_grad for t in self.tasks], device=self.w.device)
         # under DDP: mean over the ranks where the task is present, so every rank sees the same numbers
         count = _all_reduce_sum(present.double())
         values = _all_reduce_sum(torch.where(present, values, torch.zeros_like(values))) / count.clamp(min=1)
@@ -151,7 +177,7 @@ class GradNorm(TaskWeighting):
         if not params:
             raise ConfigError("gradnorm needs the parameters of the last shared layer (model.last_shared_parameters()) "
                               "and at least one of them must require a gradient")
-        norms = self._grad_norms(losses, params, local, count)
+        norms = self._grad_norms(grad_losses, params, local, count)
         used = present & (norms > 0) & torch.isfinite(norms) & (self.initial_losses > 0)
         self.last_grad_norms.copy_(torch.where(used, norms, torch.full_like(norms, float("nan"))))
         if int(used.sum()) < 2:             # GradNorm balances tasks against each other: needs two

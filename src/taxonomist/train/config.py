@@ -216,7 +216,38 @@ class LossConfig(_Strict):
     weighting: str = Field("static", description="Task weighting: 'static' (loss.task_weights), 'gradnorm' (Chen "
                                                  "et al. 2018) or 'uncertainty' (Kendall et al. 2018).")
     weighting_options: dict[str, Any] = Field(default_factory=dict, description="Options of the task weighting, "
-                                              "e.g. {alpha: 1.5, lr: 0.025} for gradnorm (docs/models.md).")
+                                              "e.g. {alpha: 1.5, lr: 0.025} for gradnorm; gradnorm's measure: "
+                                              "unrefined (default: refined/conditional heads are measured on "
+                                              "their plain per-level logits) or outputs (docs/models.md).")
+    attribute_label_smoothing: float | dict[str, float] = Field(
+        0.0, description="Label smoothing of the attribute heads' cross-entropy (model.attributes), each in [0, 1): "
+                         "one number for every attribute, or {name: value} per attribute (attributes not named: 0). "
+                         "Each attribute's static weight: loss.task_weights['attr/<name>'].")
+
+    @field_validator("attribute_label_smoothing", mode="before")
+    @classmethod
+    def _check_attribute_smoothing(cls, v: Any) -> Any:
+        """A number in [0, 1), or a mapping of attribute names to such numbers; errors name the entry."""
+        def check(value: Any, name: str | None) -> float:
+            where = f"entry {name!r} ({value!r})" if name is not None else "the value"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where} must be a number in [0, 1)")
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{where} must be in [0, 1) (the probability mass moved off the true class)")
+            return float(value)
+
+        if isinstance(v, dict):
+            out = {}
+            for name, value in v.items():
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"attribute names must be non-empty strings, got {name!r}")
+                out[name] = check(value, name)
+            return out
+        if v is None:
+            return 0.0
+        if isinstance(v, (list, tuple, str)) or not isinstance(v, (int, float)):
+            raise ValueError("give one number in [0, 1) for every attribute, or {name: value} per attribute")
+        return check(v, None)
 
 
 class TrainConfig(_Strict):
@@ -360,6 +391,18 @@ class Config(_Strict):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return v
 
+    @model_validator(mode="after")
+    def _check_attribute_loss_names(self) -> Config:
+        """loss.attribute_label_smoothing may name only attributes the model has (model.attributes)."""
+        smoothing = self.loss.attribute_label_smoothing
+        attrs = [_bare_attribute(a) for a in self.model.attributes]
+        if isinstance(smoothing, dict):
+            unknown = [n for n in smoothing if _bare_attribute(n) not in attrs]
+            if unknown:
+                raise ValueError(f"loss.attribute_label_smoothing names {unknown}, which are not attribute heads; "
+                                 f"model.attributes is {self.model.attributes or '[] (no attribute head)'}")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -368,12 +411,23 @@ class Config(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _bare_attribute(name: str) -> str:
+    """An attribute's name without its table-column (``attr_``) or task (``attr/``) prefix."""
+    for prefix in ("attr_", "attr/"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 # ------------------------------------------------------------------ loading
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
+        if err["type"] == "value_error" and not key:  # a check across sections: its message names the keys
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         if err["type"] == "extra_forbidden":
             parent_loc = err["loc"][:-1]
             allowed = _allowed_keys(parent_loc)

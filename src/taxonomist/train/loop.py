@@ -37,12 +37,12 @@ from ..data.attributes import attribute_accuracy, attribute_targets, attribute_v
 from ..data.augment import build_augment
 from ..data.mixup import mixture_loss
 from ..errors import ConfigError
-from ..losses import create_loss, create_weighting, with_attribute_losses
+from ..losses import Loss, create_loss, create_weighting, with_attribute_losses
 from ..metrics import compute_metrics
 from ..models import create_backbone, create_model
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..utils.runtime import autocast_for, resolve_device, rng_state, seed_everything, set_rng_state
-from .config import Config
+from .config import Config, LossConfig
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                           convert_sync_batchnorm, gather_rows, init_distributed, on_main, rank_seed, rank_slice,
                           shared_dir_group, shutdown)
@@ -89,7 +89,29 @@ def config_hash(cfg: Config) -> str:
     # neither changes the result; raising the timeout must not block resuming the run that timed out
     d["train"].pop("dist_timeout_min", None)
     d["train"].pop("feature_chunk_size", None)
+    if not d["loss"].get("attribute_label_smoothing"):  # the default: runs from before the key still resume
+        d["loss"].pop("attribute_label_smoothing", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: keys of the loss section that the loop reads itself (the others are options of the registered loss)
+LOOP_LOSS_KEYS = ("task_weights", "weighting", "weighting_options", "attribute_label_smoothing")
+
+
+def build_loss(loss_cfg: LossConfig, taxonomy, head, attributes: dict[str, int] | None = None) -> Loss:
+    """The run's loss from the ``loss`` section: the registered loss ``loss.name`` with the section's
+    other keys as its options, joined with one cross-entropy task per attribute head
+    (``attributes``: ``{name: n_classes}``) smoothed by ``loss.attribute_label_smoothing``."""
+    opts = loss_cfg.model_dump()
+    for key in LOOP_LOSS_KEYS:
+        opts.pop(key)
+    loss = create_loss(opts.pop("name"), taxonomy, head, **opts)
+    if attributes:
+        loss = with_attribute_losses(loss, attributes, loss_cfg.attribute_label_smoothing)
+    elif loss_cfg.attribute_label_smoothing:
+        raise ConfigError("loss.attribute_label_smoothing is set but the model has no attribute head "
+                          "(model.attributes is empty); remove it or add the attributes")
+    return loss
 
 
 def default_cache_dir(cfg: Config) -> Path:
@@ -233,12 +255,7 @@ class Trainer:
 
     def _prepare_loss(self) -> None:
         cfg = self.cfg
-        loss_cfg = cfg.loss.model_dump()
-        for key in ("task_weights", "weighting", "weighting_options"):
-            loss_cfg.pop(key)
-        loss = create_loss(loss_cfg.pop("name"), self.tax, self.model.head, **loss_cfg)
-        if self.attr_vocab:
-            loss = with_attribute_losses(loss, {n: len(v) for n, v in self.attr_vocab.items()})
+        loss = build_loss(cfg.loss, self.tax, self.model.head, {n: len(v) for n, v in self.attr_vocab.items()})
         self.loss_fn = loss.to(self.device)
         if cfg.train.auto_batch_size:
             self._auto_batch_size()
@@ -259,6 +276,15 @@ class Trainer:
         # GradNorm measures each task's gradient at the last layer all tasks share; fails early without one
         self.shared_params = (self.model.last_shared_parameters() if self.weighting.needs_shared_parameters
                               else None)
+        # a head that refines its task logits top down (refined, conditional) couples the tasks: GradNorm
+        # measures them on the head's plain per-level logits (losses/gradnorm.py, measure="unrefined")
+        self.head_input: HeadInput | None = None
+        if (self.shared_params is not None and getattr(self.weighting, "measure", None) == "unrefined"
+                and hasattr(self.model.head, "refine")):
+            self.head_input = HeadInput()
+            self.model.head.register_forward_pre_hook(self.head_input)
+            self.log(f"  gradnorm: task gradients measured on the {self.model.head.registry_name} head's unrefined "
+                     "per-level logits (loss.weighting_options.measure=unrefined)")
 
     def _auto_batch_size(self) -> None:
         """Split each optimiser step into micro-batches that fit the device (train.auto_batch_size)."""
@@ -691,15 +717,34 @@ class Trainer:
                     kwargs["metadata_mask"] = torch.where(rows, mask * mask[p], mask)
             self.loss_fn.set_step(micro_step)
             sync = mb.last or not self.dist.enabled
+            unrefined = self.head_input is not None and self.weighting.is_update_step(micro_step)
+            grad_losses: dict[str, torch.Tensor] | None = None
             with contextlib.nullcontext() if sync else self.step_fn.no_sync():
                 with self.autocast():
-                    outputs = self.step_fn(**{x_key: x}, targets=mixed.targets if mixed is not None else targets,
-                                           **kwargs)
-                    if mixed is None:
-                        losses = self.loss_fn(outputs, targets, extra)
-                    else:  # soft targets: lam * loss(own target) + (1 - lam) * loss(partner's target)
-                        losses = mixture_loss(self.loss_fn, outputs, mixed, extra_targets=extra)
-                self.weighting.update(losses, self.shared_params, micro_step)
+                    if unrefined:
+                        assert self.head_input is not None
+                        self.head_input.active = True
+                    try:
+                        outputs = self.step_fn(**{x_key: x}, targets=mixed.targets if mixed is not None else targets,
+                                               **kwargs)
+                    finally:
+                        if self.head_input is not None:
+                            self.head_input.active = False
+                    before_loss = _rng_states(self.device) if unrefined else None
+
+                    def task_losses(outs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                        if mixed is None:
+                            return self.loss_fn(outs, targets, extra)
+                        # soft targets: lam * loss(own target) + (1 - lam) * loss(partner's target)
+                        return mixture_loss(self.loss_fn, outs, mixed, extra_targets=extra)
+
+                    losses = task_losses(outputs)
+                    if before_loss is not None:
+                        grad_losses = self._unrefined_losses(outputs, task_losses, before_loss, micro_step)
+                if grad_losses is not None:
+                    self.weighting.update(losses, self.shared_params, micro_step, grad_losses=grad_losses)
+                else:
+                    self.weighting.update(losses, self.shared_params, micro_step)
                 if self.count_tasks:  # each rank's share of the global mean over labelled samples
                     losses = self._global_mean_shares(losses, targets, extra)
                 total = self.weighting(losses)
@@ -731,6 +776,38 @@ class Trainer:
                                  self.dist)
             sums, count = dict(zip(keys, buf[:-1].tolist())), int(buf[-1])
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _unrefined_losses(self, outputs: dict[str, torch.Tensor],
+                          task_losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                          before_loss: tuple[torch.Tensor, torch.Tensor | None], micro_step: int
+                          ) -> dict[str, torch.Tensor]:
+        """The training loss evaluated on the head's plain per-level logits (GradNorm's measurement on
+        a refined head): the head runs once more on the embedding of this forward (captured by
+        :class:`HeadInput`, so the graph reaches the shared layer; nothing before the head runs
+        again), with ``head.refine = False`` and its own dropout off; the loss replays the random
+        draws of the training loss (null masking), and the run's random stream is left as it was."""
+        assert self.head_input is not None
+        h, self.head_input.value = self.head_input.value, None
+        if h is None:  # the head was not called through a hookable module call (should not happen)
+            raise RuntimeError("GradNorm's unrefined measurement did not see the head's input; set "
+                               "loss.weighting_options.measure=outputs")
+        head = self.model.head
+        after_loss = _rng_states(self.device)
+        dropout, was_refining = getattr(head, "dropout", None), head.refine
+        drop_mode = dropout.training if isinstance(dropout, nn.Module) else None
+        try:
+            head.refine = False
+            if isinstance(dropout, nn.Module):
+                dropout.train(False)
+            plain = head(h)
+            _set_rng_states(before_loss, self.device)
+            self.loss_fn.set_step(micro_step)
+            return task_losses({**outputs, **plain})
+        finally:
+            head.refine = was_refining
+            if isinstance(dropout, nn.Module) and drop_mode is not None:
+                dropout.train(drop_mode)
+            _set_rng_states(after_loss, self.device)
 
     def _global_mean_shares(self, losses: dict[str, torch.Tensor], targets: torch.Tensor,
                             extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -803,6 +880,31 @@ class Trainer:
         barrier(self.dist)
         shutdown(self.dist)
         return RunResult(self.run_dir, bundle_dir, metrics, epochs_run, start, stopped)
+
+
+class HeadInput:
+    """Forward pre-hook on the head that keeps its input (the embedding) while ``active``: GradNorm's
+    unrefined measurement runs the head on it once more (the loop sets ``active`` around the
+    forward of a measurement step only, and takes ``value`` right after)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.active and torch.is_grad_enabled() and args:
+            self.value = args[0]
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state and, on CUDA, that of the device's generator."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
