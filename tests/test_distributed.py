@@ -15,6 +15,7 @@ import torch
 
 from taxonomist.cli.main import main as cli
 
+from _ddp import dist_env, spawn
 from test_train_e2e import write_small_config
 
 
@@ -298,8 +299,7 @@ def test_sync_batchnorm_conversion():
 
 
 def _collectives_worker(rank: int, world: int, port: int, shared: str, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    dist_env(rank, world, port)
     from taxonomist.errors import ConfigError
     from taxonomist.train import distributed as D
 
@@ -342,13 +342,6 @@ def _collectives_worker(rank: int, world: int, port: int, shared: str, out: str)
 
 
 def test_collectives_gather_broadcast_errors_and_cache_groups(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "shared").mkdir()
-    mp.spawn(_collectives_worker, args=(2, port, str(tmp_path / "shared"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_collectives_worker, str(tmp_path / "shared"), str(tmp_path))
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
