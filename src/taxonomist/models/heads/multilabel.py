@@ -34,19 +34,238 @@ in the normalisation and::
 This is the hierarchy-and-exclusion (HEX) graph model of Deng et al. (ECCV 2014, "Large-scale
 object classification using label relation graphs"): ``p(y) ∝ prod_v exp(z_v y_v)`` over the
 legal assignments y. It sums to 1 over the labels, uses every node's logit, and is computed
-with one root-path sum (one sparse product over the labels' ancestors).
+from the root-path sums of every node, one gather-and-add per depth level (``_RootPathSum``).
+
+**Target likelihood** (``target_log_likelihood``, what ``ce`` trains without label smoothing):
+with ``P(v)`` the root-path sum of node v and ``log Z = logsumexp_l P(l)`` over the labels,
+``log p(t | x) = P(t) - log Z`` for a label target and ``logsumexp_{l under t} P(l) - log Z``
+for a partial target (the summed mass of the labels in t's subtree): the same numbers as
+``label_log_probs`` without building the batch's ``[B, n_labels]`` log-softmax, its gathers
+and the label-set masks of the label rows (only the partial rows mask their labels).
+
+**Cost.** The logits are one product ``s * normalize(x) @ normalize(W)^T`` written straight
+into the ``[B, n_nodes]`` output (root column included) by ``_NodeLogits``, which puts the
+margin on the few root-path entries in place and, in the backward, rescales only those
+entries of the incoming gradient: no full-size copy, mask or scatter per step besides the
+product's own. The positives come from walking each target's parents (``depth`` gathers of
+``[B]``), not from a ``[B, n_nodes]`` ancestor mask.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ...taxonomy import Taxonomy
-from ..tree_tensors import ColumnSums, DepthLevels
-from .arcface import check_scale_margin, cosine_logits, margin_logits
+from ..tree_tensors import DepthLevels
+from .arcface import arc_margin, arc_margin_slope, check_scale_margin, unit_rows
 from .base import Head, register_head
+
+
+ANCESTOR_TABLE_MAX = 1 << 24
+"""Largest ``n_nodes * max_depth`` for which the head keeps a node ancestor table (int32: 64 MB)."""
+
+_ROWDOT_CHUNK = 1 << 18
+"""Elements per chunk of :func:`_rowdot`'s product (a few MB: stays in cache, no full-size temporary)."""
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for two ``[N, D]`` matrices, in row chunks (no ``[N, D]`` temporary)."""
+    step = max(1, _ROWDOT_CHUNK // max(1, a.shape[1]))
+    return torch.cat([(a[i:i + step] * b[i:i + step]).sum(-1) for i in range(0, a.shape[0], step)])
+
+
+class _NodeLogits(torch.autograd.Function):
+    """``[B, n_nodes]`` logits from ``xs = s * normalize(x)`` [B, D] and the raw node weights ``W``
+    [n_nodes - 1, D]: column 0 the constant ``s`` (the root), column v ``s * cos(theta_v) =
+    (xs . W[v - 1]) / max(||W[v - 1]||, eps)``, and at the positives ``(rows, cols)`` (node ids >= 1)
+    the margin logit ``s * arc_margin(cos)``.
+
+    The weight normalisation is a per-column scale of the product (``F.normalize(W)`` would be a
+    second weight-sized matrix, and autograd's backward of it a dozen weight-sized passes: on a CPU
+    as much as the product itself at 10^4 nodes). Forward: one product, scaled in place, the margin
+    put in place on the gathered positives, the root column prepended. Backward: the rescaled gradient
+    ``G' = G / ||W_v||`` (times ``d arc_margin / d cos`` at the positives, :func:`arc_margin_slope`), ``dx = G' W``, and
+    ``dW = G'^T xs - u (u . G'^T xs)`` with ``u = W / ||W||`` (the normalisation's projection,
+    applied in place on the product; none where the norm is clamped at eps, as for ``F.normalize``).
+    """
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, weight: Tensor, rows: Tensor | None, cols: Tensor | None,  # type: ignore[override]
+                scale: float, margin: float, eps: float = 1e-12) -> Tensor:
+        norm = torch.linalg.vector_norm(weight, dim=-1)
+        inv = norm.clamp_min(eps).reciprocal()
+        body = torch.mm(xs, weight.t()).mul_(inv)     # (a strided out= view of the result is ~1.5x slower on a CPU)
+        cos = None
+        if rows is not None and rows.numel():
+            cos = body[rows, cols - 1] / scale
+            body[rows, cols - 1] = scale * arc_margin(cos, margin)
+        ctx.margin = margin
+        ctx.save_for_backward(xs, weight, inv, norm > eps, rows, cols, cos)
+        return torch.cat([body.new_full((body.shape[0], 1), scale), body], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        xs, weight, inv, unclamped, rows, cols, cos = ctx.saved_tensors
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            g = grad[:, 1:] * inv                      # the one [B, n_nodes - 1] buffer of the backward
+            if cos is not None:
+                g[rows, cols - 1] = grad[rows, cols] * arc_margin_slope(cos, ctx.margin) * inv[cols - 1]
+            gx = g @ weight if ctx.needs_input_grad[0] else None
+            gw = None
+            if ctx.needs_input_grad[1]:
+                gw = g.t() @ xs
+                coef = _rowdot(gw, weight) * inv * inv * unclamped
+                gw.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
+        return gx, gw, None, None, None, None, None
+
+
+def _path_plan(bounds: list[tuple[int, int]], parent: np.ndarray) -> list[tuple[int, ...]]:
+    """The steps of :func:`_path_sums_` from DepthLevels' level ranges: ``(lo, hi, p_lo, p_hi)`` adds
+    level ``[lo, hi)``'s parents (level ``[p_lo, p_hi)``), ``(a, b, p)`` a chain of one-node levels
+    (consecutive ids ``a..b-1``, each the parent of the next; ``p`` the parent of ``a``, -1 for the root)
+    summed with one cumsum. The top of a taxonomy cut from a large one (NCBI: cellular organisms ->
+    ... -> the family) is such a chain: one step instead of one per level. Level 1 needs no step
+    (the root's path sum is 0)."""
+    widths = [hi - lo for lo, hi in bounds]
+    steps: list[tuple[int, ...]] = []
+    d = 1
+    while d < len(bounds):
+        e = d
+        while widths[d] == 1 and e + 1 < len(bounds) and widths[e + 1] == 1:
+            e += 1
+        if e > d:
+            a = bounds[d][0]
+            steps.append((a, bounds[e][1], int(parent[a]) if d >= 2 else -1))
+        elif d >= 2:
+            steps.append((*bounds[d], *bounds[d - 1]))
+        d = e + 1
+    return steps
+
+
+def _path_sums_(buf: Tensor, plan: list[tuple[int, ...]], local_parent: Tensor) -> Tensor:
+    """In place on ``buf`` [B, n_nodes] (node logits): every node's root-path sum, the root excluded
+    (``buf[:, 0]`` set to 0): one gather-and-add per depth level, one cumsum per chain (:func:`_path_plan`)."""
+    buf[:, 0] = 0.0
+    for step in plan:
+        if len(step) == 4:
+            lo, hi, p_lo, p_hi = step
+            buf[:, lo:hi] += buf[:, p_lo:p_hi].index_select(1, local_parent[lo:hi])
+        else:
+            a, b, p = step
+            run = buf[:, a:b].cumsum(dim=1)
+            if p >= 0:
+                run += buf[:, p:p + 1]
+            buf[:, a:b] = run
+    return buf
+
+
+def _subtree_sums_(buf: Tensor, plan: list[tuple[int, ...]], local_parent: Tensor) -> Tensor:
+    """In place: the transpose of :func:`_path_sums_` (the gradient of the root-path sums), its steps
+    in reverse: a level added into its parents', a chain's reversed cumsum (then its top into ``p``),
+    so that a node holds its subtree's sum; the root's entry set to 0 (the root's logit is in no
+    path sum)."""
+    for step in reversed(plan):
+        if len(step) == 4:
+            lo, hi, p_lo, p_hi = step
+            buf[:, p_lo:p_hi].index_add_(1, local_parent[lo:hi], buf[:, lo:hi])
+        else:
+            a, b, p = step
+            buf[:, a:b] = buf[:, a:b].flip(1).cumsum(dim=1).flip(1)
+            if p >= 0:
+                buf[:, p] += buf[:, a]
+    buf[:, 0] = 0.0
+    return buf
+
+
+class _BelowRootPathSum(torch.autograd.Function):
+    """``out[:, v] = sum of values[:, u]`` over v and its ancestors, the root excluded (``out[:, 0] = 0``):
+    :func:`_path_sums_` on one copy, :func:`_subtree_sums_` on one copy of the gradient. Autograd
+    through per-level slices would zero-fill a full-size gradient for every level."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, plan: list[tuple[int, ...]], local_parent: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        ctx.save_for_backward(local_parent)
+        return _path_sums_(values.clone(memory_format=torch.contiguous_format), plan, local_parent)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (local_parent,) = ctx.saved_tensors
+        return _subtree_sums_(grad.clone(memory_format=torch.contiguous_format), ctx.plan, local_parent), None, None
+
+
+_EXP_CUT = -60.0
+"""Exponents below this (relative to the row maximum) count as exp = 0 in :func:`_row_exp_`."""
+
+
+def _row_exp_(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """In place on ``x`` [R, C]: ``exp(x - max_row)``, with entries more than 60 below the row's
+    maximum set to exactly 0; returns (that, its row sums, the row logsumexp).
+
+    The cut drops at most ``C * e^-60 ~ C * 1e-26`` of a row sum that is >= 1 (below float32 and
+    float64 resolution alike) and keeps the exponentials and their products with the gradient out
+    of the subnormal range: with scale-30 logits summed along root paths most labels sit hundreds
+    below the best one, and CPU arithmetic on subnormals runs 10-30x slower. A row of ``-inf`` gives
+    zeros, sum 0 and ``-inf``.
+    """
+    top = x.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = F.threshold_(x.sub_(top), _EXP_CUT, float("-inf")).exp_()
+    total = e.sum(dim=-1)
+    return e, total, total.log() + top.squeeze(-1)
+
+
+class _TargetLogLikelihood(torch.autograd.Function):
+    """``log p(t | x)`` [B] from the node logits ``z`` [B, n_nodes] (module docstring, "Target likelihood").
+
+    Forward, on one ``[B, n_nodes]`` copy: the root-path sums ``P`` in place, ``-inf`` added off the
+    labels (``label_bias``); a label target's ``P(t)`` is one gather, a partial target's mass the
+    logsumexp of its row masked to t's subtree (pre-order interval test, only those rows); then the
+    copy turns into the label softmax's numerators in place (:func:`_row_exp_`), kept for the
+    backward, whose one ``[B, n_nodes]`` buffer is ``-g * softmax`` over the labels, ``+g`` at a
+    label target, ``+g * softmax within t's subtree`` for a partial one, then the subtree sums
+    (:func:`_subtree_sums_`). No label gather, scatter or second exponential.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, head: MultiLabelHead) -> Tensor:  # type: ignore[override]
+        lv = head.levels_op
+        p = _path_sums_(z.clone(memory_format=torch.contiguous_format), head.path_plan, lv.local_parent)
+        p += head.label_bias.to(p.dtype)
+        own = p.gather(1, t.unsqueeze(1)).squeeze(1)
+        rows = torch.nonzero(~head.is_label[t]).squeeze(1)
+        e_part = s_part = None
+        if rows.numel():
+            tr = t[rows]
+            lo = lv.preorder[tr].unsqueeze(1)
+            hi = lv.subtree_end[tr].unsqueeze(1)
+            under = (lv.preorder.unsqueeze(0) >= lo) & (lv.preorder.unsqueeze(0) < hi)
+            e_part, s_part, part = _row_exp_(p[rows].masked_fill_(~under, float("-inf")))
+            own[rows] = part
+        e, s, log_z = _row_exp_(p)
+        ctx.head = head
+        ctx.save_for_backward(t, e, s, rows, e_part, s_part)
+        return own - log_z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        t, e, s, rows, e_part, s_part = ctx.saved_tensors
+        lv = ctx.head.levels_op
+        grad = e * (-g / s).unsqueeze(1)                     # 0 off the labels
+        g_own = g
+        if e_part is not None:
+            g_own = g.index_fill(0, rows, 0.0)
+            w = torch.where(s_part > 0, g[rows] / s_part, torch.zeros_like(s_part))
+            grad.index_add_(0, rows, e_part * w.unsqueeze(1))
+        grad.scatter_add_(1, t.unsqueeze(1), g_own.unsqueeze(1))
+        return _subtree_sums_(grad, ctx.head.path_plan, lv.local_parent), None, None
 
 
 @register_head("multilabel")
@@ -56,7 +275,7 @@ class MultiLabelHead(Head):
     Options: ``scale`` s (30), ``margin`` m (radians, 0.2), ``dropout`` on the input (0).
     Extra methods: ``positives(targets)`` (the multi-hot root-path targets, [B, n_nodes] bool,
     root excluded), ``sigmoid_probs(outputs)`` (per-node sigmoids before the max constraint),
-    ``coherent_logits(outputs)``.
+    ``coherent_logits(outputs)``, ``path_scores(outputs)`` (every node's root-path logit sum).
     """
 
     uses_targets = True
@@ -69,12 +288,26 @@ class MultiLabelHead(Head):
         self.weight = nn.Parameter(torch.empty(self.n_nodes - 1, self.in_features))
         nn.init.xavier_uniform_(self.weight)
         self.levels_op = DepthLevels(taxonomy)
+        self.path_plan = _path_plan(self.levels_op.bounds, taxonomy.parent)
+        self.max_depth = int(taxonomy.max_depth)
         self.register_buffer("label_ids", torch.from_numpy(taxonomy.label_ids.astype(np.int64)), persistent=False)
-        # a label's score: the sum of the logits on its root path (root excluded), one sparse product
-        anc = taxonomy.ancestor_matrix(taxonomy.label_ids)
-        lab, dep = np.nonzero(anc >= 0)
-        keep = dep > 0
-        self.path_sum = ColumnSums(lab[keep], anc[lab[keep], dep[keep]], taxonomy.n_labels, taxonomy.n_nodes)
+        self.register_buffer("is_label", torch.from_numpy(taxonomy.is_label.copy()), persistent=False)
+        self.register_buffer("parent", torch.from_numpy(np.maximum(taxonomy.parent, 0).astype(np.int64)),
+                             persistent=False)
+        # row v: v and its ancestors below the root (0-padded), for the margin's positives
+        table = None
+        if taxonomy.n_nodes * max(self.max_depth, 1) <= ANCESTOR_TABLE_MAX:
+            anc = np.zeros((taxonomy.n_nodes, max(self.max_depth, 1)), dtype=np.int64)
+            cur = np.arange(taxonomy.n_nodes)
+            for k in range(anc.shape[1]):
+                anc[:, k] = cur
+                cur = np.maximum(taxonomy.parent[cur], 0)
+            dtype = np.int32 if taxonomy.n_nodes < 2 ** 31 else np.int64
+            table = torch.from_numpy(anc.astype(dtype))
+        self.register_buffer("ancestor_table", table, persistent=False)
+        # 0 at the labels, -inf elsewhere: the label softmax read on node-indexed root-path sums
+        self.register_buffer("label_bias", torch.from_numpy(np.where(taxonomy.is_label, 0.0, -np.inf)
+                                                            .astype(np.float32)), persistent=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -83,15 +316,33 @@ class MultiLabelHead(Head):
     def positives(self, targets: Tensor) -> Tensor:
         """[B] target nodes -> [B, n_nodes] bool multi-hot of each target's root path (root column
         False; all False for ``-1``)."""
-        mask = self.levels_op.ancestor_mask(targets.clamp(min=0)) & (targets >= 0).unsqueeze(1)
-        mask[:, 0] = False
+        mask = torch.zeros(targets.shape[0], self.n_nodes, dtype=torch.bool, device=targets.device)
+        rows, cols = self.positive_index(targets)
+        mask[rows, cols] = True
         return mask
 
+    def positive_index(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, node ids) of the True entries of :meth:`positives`: each target's root path without
+        the root, one row gather of the node ancestor table (or, for trees whose table would exceed
+        ``ANCESTOR_TABLE_MAX`` entries, ``max_depth`` parent lookups of ``[B]``): no ``[B, n_nodes]`` work."""
+        t = targets.clamp(min=0)            # -1 -> the root: no positives
+        if self.ancestor_table is not None:
+            anc = self.ancestor_table[t]    # [B, max_depth], 0 (the root) past the top
+        else:
+            path = [t]
+            for _ in range(self.max_depth - 1):
+                path.append(self.parent[path[-1]])
+            anc = torch.stack(path, dim=1)
+        rows, k = torch.nonzero(anc > 0, as_tuple=True)
+        return rows, anc[rows, k].long()
+
     def forward(self, features: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
-        cos = cosine_logits(self.dropout(features), self.weight)
-        pos = self.positives(targets)[:, 1:] if (self.training and targets is not None) else None
-        z = margin_logits(cos, pos, self.scale, self.margin)
-        return {"nodes": torch.cat([z.new_full((z.shape[0], 1), self.scale), z], dim=1)}
+        with torch.autocast(device_type=features.device.type, enabled=False):   # as cosine_logits
+            xs = unit_rows(self.dropout(features).float()) * self.scale
+            rows = cols = None
+            if self.training and targets is not None and self.margin > 0:
+                rows, cols = self.positive_index(targets)
+            return {"nodes": _NodeLogits.apply(xs, self.weight.float(), rows, cols, self.scale, self.margin)}
 
     def sigmoid_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """Independent per-node sigmoids, [B, n_nodes] (not coherent)."""
@@ -106,8 +357,24 @@ class MultiLabelHead(Head):
         p = self.coherent_logits(outputs).sigmoid()
         return torch.cat([torch.ones_like(p[:, :1]), p[:, 1:]], dim=1)
 
+    def path_scores(self, outputs: dict[str, Tensor]) -> Tensor:
+        """``sum_{u on root path of v, u != root} z_u`` for every node v, [B, n_nodes] float32 (0 at the root):
+        a label's unnormalised log-probability."""
+        z = outputs["nodes"]
+        z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+        return _BelowRootPathSum.apply(z, self.path_plan, self.levels_op.local_parent)
+
     def label_log_probs(self, outputs: dict[str, Tensor]) -> Tensor:
-        return self.path_sum(outputs["nodes"].float()).log_softmax(dim=-1)
+        return self.path_scores(outputs).index_select(1, self.label_ids).log_softmax(dim=-1)
+
+    def target_log_likelihood(self, outputs: dict[str, Tensor], targets: Tensor) -> Tensor:
+        """``log p(t | x)`` per sample (module docstring, "Target likelihood"): ``P(t) - log Z`` for a
+        label target, ``logsumexp_{l under t} P(l) - log Z`` for a partial one (only those rows build a
+        ``[n_partial, n_labels]`` label set); equals the values read from :meth:`label_log_probs`.
+        One fused autograd function (``_TargetLogLikelihood``)."""
+        z = outputs["nodes"]
+        z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+        return _TargetLogLikelihood.apply(z, targets.clamp(min=0), self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"
