@@ -172,24 +172,29 @@ def test_end_to_end_gradients_and_ce_equal_the_label_distribution(trees, name, t
 
 
 # ----------------------------------------------------------------- the multilabel head's own pieces
-def test_multilabel_logits_and_gradients_equal_the_normalised_formula(trees):
-    """The fused logits (weight norms as a column scale, margin in place) against ``s * cos`` from
-    ``F.normalize`` with the margin through autograd; float64 inputs, float32 head arithmetic."""
-    tax = trees["plankton"]
-    head = make_head("multilabel", tax, seed=6)
+@pytest.mark.parametrize("name", ["multilabel", "arcface", "arcface_per_rank"])
+def test_fused_cosine_logits_and_gradients_equal_the_normalised_formula(trees, name):
+    """The fused scaled cosines (weight norms as a column scale, margin in place at the positives)
+    against ``s * cos`` from ``F.normalize`` with the margin through autograd, in training mode."""
+    tax = trees["fathomnet"]
+    head = make_head(name, tax, seed=6)
     targets = targets_for(tax, BATCH, seed=7)
     targets[-1] = -1
     x = torch.randn(BATCH, D, generator=torch.Generator().manual_seed(8), requires_grad=True)
-    z = head(x, targets=targets)["nodes"]
+    out = run(head, x, targets)
+    z = torch.cat([out[k] for k in head.tasks], dim=1)
     cos = F.normalize(x, dim=-1) @ F.normalize(head.weight, dim=-1).t()
-    pos = head.positives(targets)[:, 1:]
+    pos = head.positives(targets)
+    if name == "multilabel":
+        pos = pos[:, 1:]
+        # positives: exactly each target's root path below the root (a loop over ancestors)
+        for b, t in enumerate(targets.tolist()):
+            want = set(tax.ancestors(t)[1:]) if t >= 0 else set()
+            assert set(np.flatnonzero(pos[b].numpy()).tolist()) == {v - 1 for v in want}
     ref = torch.where(pos, head.scale * arc_margin(cos, head.margin), head.scale * cos)
-    ref = torch.cat([torch.full((BATCH, 1), head.scale), ref], dim=1)
+    if name == "multilabel":
+        ref = torch.cat([torch.full((BATCH, 1), head.scale), ref], dim=1)
     torch.testing.assert_close(z, ref, atol=2e-5, rtol=1e-5)
-    # positives: exactly each target's root path below the root (a loop over ancestors)
-    for b, t in enumerate(targets.tolist()):
-        want = set(tax.ancestors(t)[1:]) if t >= 0 else set()
-        assert set(np.flatnonzero(pos[b].numpy()).tolist()) == {v - 1 for v in want}
     g = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
     got = torch.autograd.grad(z, [x, head.weight], g)
     want = torch.autograd.grad(ref, [x, head.weight], g)

@@ -34,7 +34,7 @@ in the normalisation and::
 This is the hierarchy-and-exclusion (HEX) graph model of Deng et al. (ECCV 2014, "Large-scale
 object classification using label relation graphs"): ``p(y) ∝ prod_v exp(z_v y_v)`` over the
 legal assignments y. It sums to 1 over the labels, uses every node's logit, and is computed
-from the root-path sums of every node, one gather-and-add per depth level (``_RootPathSum``).
+from the root-path sums of every node (``path_scores``, one step per depth level).
 
 **Target likelihood** (``target_log_likelihood``, what ``ce`` trains without label smoothing):
 with ``P(v)`` the root-path sum of node v and ``log Z = logsumexp_l P(l)`` over the labels,
@@ -43,12 +43,12 @@ for a partial target (the summed mass of the labels in t's subtree): the same nu
 ``label_log_probs`` without building the batch's ``[B, n_labels]`` log-softmax, its gathers
 and the label-set masks of the label rows (only the partial rows mask their labels).
 
-**Cost.** The logits are one product ``s * normalize(x) @ normalize(W)^T`` written straight
-into the ``[B, n_nodes]`` output (root column included) by ``_NodeLogits``, which puts the
-margin on the few root-path entries in place and, in the backward, rescales only those
-entries of the incoming gradient: no full-size copy, mask or scatter per step besides the
-product's own. The positives come from walking each target's parents (``depth`` gathers of
-``[B]``), not from a ``[B, n_nodes]`` ancestor mask.
+**Cost.** The logits are ``arcface.scaled_cosines``: one product with the weight norms as a
+column scale and the margin put in place on the few root-path entries (no normalised weight
+copy, mask or full-size scatter per step). The positives are one row gather of a node ancestor
+table, not a ``[B, n_nodes]`` ancestor mask. Root-path sums and their backward (subtree sums)
+run in place, one step per depth level and one per run of one-node levels (the chain at the top
+of a tree cut from NCBI).
 """
 
 from __future__ import annotations
@@ -61,67 +61,12 @@ from torch.autograd.function import once_differentiable
 
 from ...taxonomy import Taxonomy
 from ..tree_tensors import DepthLevels
-from .arcface import arc_margin, arc_margin_slope, check_scale_margin, unit_rows
+from .arcface import check_scale_margin, scaled_cosines
 from .base import Head, register_head
 
 
 ANCESTOR_TABLE_MAX = 1 << 24
 """Largest ``n_nodes * max_depth`` for which the head keeps a node ancestor table (int32: 64 MB)."""
-
-_ROWDOT_CHUNK = 1 << 18
-"""Elements per chunk of :func:`_rowdot`'s product (a few MB: stays in cache, no full-size temporary)."""
-
-
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for two ``[N, D]`` matrices, in row chunks (no ``[N, D]`` temporary)."""
-    step = max(1, _ROWDOT_CHUNK // max(1, a.shape[1]))
-    return torch.cat([(a[i:i + step] * b[i:i + step]).sum(-1) for i in range(0, a.shape[0], step)])
-
-
-class _NodeLogits(torch.autograd.Function):
-    """``[B, n_nodes]`` logits from ``xs = s * normalize(x)`` [B, D] and the raw node weights ``W``
-    [n_nodes - 1, D]: column 0 the constant ``s`` (the root), column v ``s * cos(theta_v) =
-    (xs . W[v - 1]) / max(||W[v - 1]||, eps)``, and at the positives ``(rows, cols)`` (node ids >= 1)
-    the margin logit ``s * arc_margin(cos)``.
-
-    The weight normalisation is a per-column scale of the product (``F.normalize(W)`` would be a
-    second weight-sized matrix, and autograd's backward of it a dozen weight-sized passes: on a CPU
-    as much as the product itself at 10^4 nodes). Forward: one product, scaled in place, the margin
-    put in place on the gathered positives, the root column prepended. Backward: the rescaled gradient
-    ``G' = G / ||W_v||`` (times ``d arc_margin / d cos`` at the positives, :func:`arc_margin_slope`), ``dx = G' W``, and
-    ``dW = G'^T xs - u (u . G'^T xs)`` with ``u = W / ||W||`` (the normalisation's projection,
-    applied in place on the product; none where the norm is clamped at eps, as for ``F.normalize``).
-    """
-
-    @staticmethod
-    def forward(ctx, xs: Tensor, weight: Tensor, rows: Tensor | None, cols: Tensor | None,  # type: ignore[override]
-                scale: float, margin: float, eps: float = 1e-12) -> Tensor:
-        norm = torch.linalg.vector_norm(weight, dim=-1)
-        inv = norm.clamp_min(eps).reciprocal()
-        body = torch.mm(xs, weight.t()).mul_(inv)     # (a strided out= view of the result is ~1.5x slower on a CPU)
-        cos = None
-        if rows is not None and rows.numel():
-            cos = body[rows, cols - 1] / scale
-            body[rows, cols - 1] = scale * arc_margin(cos, margin)
-        ctx.margin = margin
-        ctx.save_for_backward(xs, weight, inv, norm > eps, rows, cols, cos)
-        return torch.cat([body.new_full((body.shape[0], 1), scale), body], dim=1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        xs, weight, inv, unclamped, rows, cols, cos = ctx.saved_tensors
-        with torch.autocast(device_type=grad.device.type, enabled=False):
-            g = grad[:, 1:] * inv                      # the one [B, n_nodes - 1] buffer of the backward
-            if cos is not None:
-                g[rows, cols - 1] = grad[rows, cols] * arc_margin_slope(cos, ctx.margin) * inv[cols - 1]
-            gx = g @ weight if ctx.needs_input_grad[0] else None
-            gw = None
-            if ctx.needs_input_grad[1]:
-                gw = g.t() @ xs
-                coef = _rowdot(gw, weight) * inv * inv * unclamped
-                gw.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
-        return gx, gw, None, None, None, None, None
 
 
 def _path_plan(bounds: list[tuple[int, int]], parent: np.ndarray) -> list[tuple[int, ...]]:
@@ -337,12 +282,12 @@ class MultiLabelHead(Head):
         return rows, anc[rows, k].long()
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
-        with torch.autocast(device_type=features.device.type, enabled=False):   # as cosine_logits
-            xs = unit_rows(self.dropout(features).float()) * self.scale
-            rows = cols = None
-            if self.training and targets is not None and self.margin > 0:
-                rows, cols = self.positive_index(targets)
-            return {"nodes": _NodeLogits.apply(xs, self.weight.float(), rows, cols, self.scale, self.margin)}
+        rows = cols = None
+        if self.training and targets is not None and self.margin > 0:
+            rows, cols = self.positive_index(targets)
+            cols = cols - 1                      # weight rows skip the root
+        z = scaled_cosines(self.dropout(features), self.weight, self.scale, self.margin, rows, cols)
+        return {"nodes": torch.cat([z.new_full((z.shape[0], 1), self.scale), z], dim=1)}
 
     def sigmoid_probs(self, outputs: dict[str, Tensor]) -> Tensor:
         """Independent per-node sigmoids, [B, n_nodes] (not coherent)."""
