@@ -319,7 +319,7 @@ class MultiLabelHead(Head):
         One fused autograd function (``_TargetLogLikelihood``)."""
         z = outputs["nodes"]
         z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-        return _TargetLogLikelihood.apply(z, targets.clamp(min=0), self)
+        return _TargetLogLikelihood.apply(z, targets.clamp(min=0).long(), self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"
