@@ -30,7 +30,7 @@ from taxonomist.models import create_head
 from taxonomist.models.heads import arc_margin
 from taxonomist.taxonomy import Taxonomy, load
 
-TLL_HEADS = ["multilabel"]
+TLL_HEADS = ["multilabel", "hsoftmax"]
 """Heads whose ``target_log_likelihood`` is checked (append a name to add a head)."""
 HEAD_OPTIONS: dict[str, dict] = {}
 """Constructor options per head name (default: the head's defaults)."""
