@@ -175,6 +175,17 @@ def test_targets_without_a_label_below_are_clear_errors(plankton):
         loss(head(torch.randn(1, 4)), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="different taxonomies"):
         create_loss("ce", plankton, head)
+    # the once-per-split check the training loop runs (so the losses need not sync a GPU every step)
+    from taxonomist.losses.base import check_target_ids
+
+    check_target_ids(tax, np.array([-1, int(tax.label_ids[0]), 0]))
+    with pytest.raises(DataError, match=rf"in the training data have no label node.*{tax.names[leaf]}"):
+        check_target_ids(tax, np.array([-1, int(tax.label_ids[0]), leaf, leaf]), "training data")
+    with pytest.raises(DataError, match=r"1 target\(s\) in the training data are not node ids"):
+        check_target_ids(tax, np.array([tax.n_nodes]), "training data")
+    loss.check_on_device = False  # only accelerator targets skip the per-step check: CPU ones stay checked
+    with pytest.raises(DataError, match="no label node at or below them"):
+        loss(head(torch.randn(1, 4)), torch.tensor([leaf]))
 
 
 def test_per_rank_ce_matches_slow_reference(fathomnet, plankton):

@@ -79,6 +79,10 @@ class Loss(nn.Module, ABC):
         self.taxonomy = taxonomy
         self.__dict__["head"] = head
         self.register_buffer("_covered", torch.from_numpy(covered_nodes(taxonomy)), persistent=False)
+        self.check_on_device = True
+        """Check targets on an accelerator in every forward (one host sync per call). The training loop
+        turns it off after checking every training target once on the CPU (:func:`check_target_ids`);
+        targets on the CPU are always checked (no sync)."""
 
     head: Head
 
@@ -102,23 +106,43 @@ class Loss(nn.Module, ABC):
         return self.head.label_log_probs(outputs).float()
 
     def check_targets(self, targets: Tensor) -> None:
-        """Raise DataError for target ids outside the tree or with no label at or below them."""
+        """Raise DataError for target ids outside the tree or with no label at or below them
+        (on an accelerator only while :attr:`check_on_device`)."""
         if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise DataError(f"target nodes must be integer node ids, got dtype {targets.dtype}")
+        if targets.device.type != "cpu" and not self.check_on_device:
+            return
         n = self.taxonomy.n_nodes
         out_of_range = (targets < -1) | (targets >= n)
         uncovered = (targets >= 0) & ~self._covered[targets.clamp(0, n - 1)]
         bad = out_of_range | uncovered
         if bool(bad.any()):
-            ids = targets[bad].cpu().numpy()
-            outside = ids[(ids < -1) | (ids >= n)]
-            if len(outside):
-                raise DataError(f"{len(outside)} target(s) are not node ids of this taxonomy (0..{n - 1}, or -1 "
-                                f"for unlabelled): {np.unique(outside)[:5].tolist()}")
-            raise DataError(
-                f"{len(ids)} target(s) have no label node at or below them, so no prediction can match them: "
-                f"{describe_nodes(self.taxonomy, ids)}. These nodes sit below the label nodes: relabel those "
-                "samples to a label above them, or make them labels (taxonomy.label_nodes=observed).")
+            _raise_bad_targets(self.taxonomy, targets[bad].cpu().numpy())
+
+
+def check_target_ids(taxonomy: Taxonomy, ids: np.ndarray, where: str = "") -> None:
+    """The check of :meth:`Loss.check_targets` on a numpy array of target node ids (a whole split, once);
+    ``where`` names the data in the error (e.g. ``"training data"``)."""
+    ids = np.asarray(ids)
+    n = taxonomy.n_nodes
+    bad = (ids < -1) | (ids >= n)
+    inside = (ids >= 0) & ~bad
+    bad[inside] = ~covered_nodes(taxonomy)[ids[inside]]
+    if bad.any():
+        _raise_bad_targets(taxonomy, ids[bad], where)
+
+
+def _raise_bad_targets(taxonomy: Taxonomy, ids: np.ndarray, where: str = "") -> None:
+    n = taxonomy.n_nodes
+    at = f" in the {where}" if where else ""
+    outside = ids[(ids < -1) | (ids >= n)]
+    if len(outside):
+        raise DataError(f"{len(outside)} target(s){at} are not node ids of this taxonomy (0..{n - 1}, or -1 "
+                        f"for unlabelled): {np.unique(outside)[:5].tolist()}")
+    raise DataError(
+        f"{len(ids)} target(s){at} have no label node at or below them, so no prediction can match them: "
+        f"{describe_nodes(taxonomy, ids)}. These nodes sit below the label nodes: relabel those "
+        "samples to a label above them, or make them labels (taxonomy.label_nodes=observed).")
 
 
 def masked_mean(values: Tensor, valid: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from ..data.augment import build_augment
 from ..data.mixup import mixture_loss
 from ..errors import ConfigError
 from ..losses import Loss, create_loss, create_weighting, with_attribute_losses
+from ..losses.base import check_target_ids
 from ..metrics import compute_metrics
 from ..models import create_backbone, create_model
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -257,6 +258,12 @@ class Trainer:
         cfg = self.cfg
         loss = build_loss(cfg.loss, self.tax, self.model.head, {n: len(v) for n, v in self.attr_vocab.items()})
         self.loss_fn = loss.to(self.device)
+        # every training target checked once here, so the losses need not sync the accelerator each step
+        check_target_ids(self.tax, self.data.train.nodes(), "training data")
+        if self.device.type != "cpu":
+            for m in self.loss_fn.modules():
+                if isinstance(m, Loss):
+                    m.check_on_device = False
         if cfg.train.auto_batch_size:
             self._auto_batch_size()
         w_opts = dict(cfg.loss.weighting_options)
